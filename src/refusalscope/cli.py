@@ -1,0 +1,163 @@
+"""Command line: parse options, call the API, print. No logic of its own.
+
+Options come from flags, ``REFUSALSCOPE_*`` environment variables and ``--config FILE.toml`` (flags win); the
+resolved options are saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+
+from refusalscope import __version__
+from refusalscope.config import AsrSettings, CommandSettings, DirectionSettings, resolve
+from refusalscope.errors import RefusalScopeError
+
+
+def _comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[CommandSettings]) -> None:
+    """One flag per settings field; unset flags stay absent so env/TOML/defaults can fill them."""
+    for name, field in cls.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = extra.get("flag", "--" + name.replace("_", "-"))
+        ann = field.annotation
+        origin, args = typing.get_origin(ann), typing.get_args(ann)
+        default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": (field.description or "") + default}
+        if ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kw.update(type=_comma_list, metavar="A,B")
+        elif origin is typing.Literal:
+            kw["choices"] = list(args)
+        if field.is_required():
+            kw["help"] += " [required]"
+        parser.add_argument(flag, **kw)
+
+
+def _settings(args, cls, command):
+    flags = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+    return resolve(cls, flags, args.config, command)
+
+
+def _print_table(frame, columns) -> None:
+    cols = [c for c in columns if c in frame.columns]
+    with __import__("pandas").option_context("display.width", 160, "display.max_rows", 200):
+        print(frame[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+def cmd_direction(args) -> int:
+    from refusalscope.direction import run_direction
+    from refusalscope.models import load_model
+    from refusalscope.store import RunStore
+
+    s: DirectionSettings = _settings(args, DirectionSettings, "direction")
+    store = RunStore(s.out)
+    store.write_json("config.direction.json", s.model_dump(mode="json"))
+    lm = load_model(s.model, device=s.device, dtype=s.dtype, chat_template=s.chat_template)
+    store.write_json("run.json", {"model": s.model, "source": lm.source, "device": s.device, "dtype": s.dtype,
+                                  "chat_template": s.chat_template, "data_dir": s.data_dir,
+                                  "refusal_tokens": list(lm.refusal_tokens), "refusalscope": __version__})
+    summary = run_direction(lm, s, store)
+    table = store.read_table("direction_candidates.parquet")
+    _print_table(table, ["layer", "position", "norm", "ablation_score", "kl", "steer_score", "passes", "asr",
+                         "degenerate_rate", "selected"])
+    if summary["note"]:
+        print(f"note: {summary['note']}")
+    print(f"l* = {summary['layer']} (position {summary['position']}), held-out ASR under ablation "
+          f"{summary['selected_asr']:.2f}, |r| = {summary['norm']:.2f}")
+    print(f"saved to {store.root}: direction.safetensors, direction.json, direction_candidates.parquet, "
+          "cosine_diagnostics.parquet/.png")
+    return 0
+
+
+def cmd_asr(args) -> int:
+    from refusalscope.evaluate import run_asr
+    from refusalscope.models import load_model
+    from refusalscope.store import RunStore
+
+    s: AsrSettings = _settings(args, AsrSettings, "asr")
+    store = RunStore(s.run, create=False)
+    run = store.read_json("run.json")
+    device = s.device if "device" in s.model_fields_set else run.get("device", "auto")
+    dtype = s.dtype if "dtype" in s.model_fields_set else run.get("dtype", "auto")
+    lm = load_model(run["model"], device=device, dtype=dtype, chat_template=s.chat_template or run.get("chat_template"),
+                    refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None)
+    summary = run_asr(lm, s, store, data_dir=run.get("data_dir"))
+    if s.json_output:
+        print(json.dumps({k: summary[k] for k in ("n", "asr", "refusal_rate", "degenerate_rate")}))
+    else:
+        print(f"{summary['n']} prompts ({summary['intervention']}, judge {summary['judge']}): "
+              f"ASR {summary['asr']:.3f}, refusal rate {summary['refusal_rate']:.3f}, "
+              f"degenerate {summary['degenerate_rate']:.3f}"
+              + (f"; {summary['dropped_overlap']} prompts seen in training were dropped"
+                 if summary["dropped_overlap"] else ""))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from refusalscope.registry import MODELS
+
+    for e in MODELS.values():
+        print(f"{e.alias:32s} {e.hub_id:40s} refusal tokens {list(e.refusal_tokens)}"
+              + ("  [embedded default]" if e.embedded else ""))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from refusalscope.data import DATASETS
+
+    for name, e in DATASETS.items():
+        print(f"{name:18s} {e.file:30s} column {e.column!r:14s} {e.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusalscope", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"refusalscope {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=None, help="TOML file of options (flags and env vars win)")
+    common.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls, func in (("direction", DirectionSettings, cmd_direction), ("asr", AsrSettings, cmd_asr)):
+        p = sub.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
+        add_settings_arguments(p, cls)
+        p.set_defaults(func=func)
+    for name, func, text in (("models", cmd_models, "list the model registry"),
+                             ("datasets", cmd_datasets, "list the named prompt sets")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="refusalscope: %(message)s")
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except RefusalScopeError as e:
+        print(f"refusalscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refusalscope: interrupted; files already written in the run directory are complete", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: short message unless --debug
+        if args.debug:
+            raise
+        print(f"refusalscope: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Layered configuration: command-line flags > ``REFUSALSCOPE_*`` environment variables > TOML file > defaults.
+
+Each command's options are one pydantic-settings class; field descriptions double as ``--help`` text. A TOML file
+may set options at its top level or in a table named after the command (``[direction]``, ``[asr]``), the table
+winning.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+
+from refusalscope.errors import RefusalScopeError
+from refusalscope.registry import DEFAULT_MODEL
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class CommandSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFUSALSCOPE_", extra="forbid", env_parse_none_str="none")
+    _toml: ClassVar[dict] = {}  # the TOML layer of the settings being resolved
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=cls._toml)
+
+
+class ModelOptions(CommandSettings):
+    device: str = Field("auto", description="torch device: auto (CUDA if present), cpu, cuda, cuda:1")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass")
+    chat_template: str | None = Field(None, description="Jinja chat template (file or string) for models without one")
+
+
+class DirectionSettings(ModelOptions):
+    """Refusal direction: difference of means, layer selection by held-out ASR (Arditi et al.; paper appendix)."""
+
+    model: str = Field(DEFAULT_MODEL, description="registry alias, hub id, local directory or .gguf file")
+    out: Path = Field(..., description="run directory to write into")
+    data_dir: str | None = Field(None, description="directory of the standard prompt sets (or REFUSALSCOPE_DATA)")
+    harmful_train: str = Field("harmful_train", description="harmful prompts for the mean difference")
+    harmless_train: str = Field("harmless_train", description="harmless prompts for the mean difference")
+    harmful_val: str = Field("harmful_val", description="held-out harmful prompts for layer selection")
+    harmless_val: str = Field("harmless_val", description="held-out harmless prompts for the KL/steer filters")
+    n_train: int = Field(128, ge=1, description="prompts taken from each training set")
+    n_val: int = Field(32, ge=1, description="prompts taken from each validation set")
+    positions: Literal["last", "post-instruction"] = Field(
+        "last", description="candidate positions: the last token, or every post-instruction template token")
+    layers: str | None = Field(None, description="candidate layers, e.g. '4-20' or '10,12,19' (default: all)")
+    filters: list[Literal["kl", "steer", "prune"]] = Field(
+        default_factory=list, description="refusal_direction's filters: kl, steer, prune (comma-separated)")
+    kl_threshold: float = Field(0.1, description="kl filter: max KL on harmless prompts under ablation")
+    steer_threshold: float = Field(0.0, description="steer filter: min refusal log-odds of harmless + direction")
+    prune_fraction: float = Field(0.2, ge=0, lt=1, description="prune filter: drop this last fraction of layers")
+    asr_candidates: int = Field(3, ge=1, description="best-scoring layers whose held-out ASR is measured")
+    max_new_tokens: int = Field(48, ge=1, description="tokens generated for the ASR of each candidate")
+    allow_overlap: bool = Field(False, description="allow train and validation prompts to overlap")
+    seed: int = Field(0, description="random seed")
+
+
+class AsrSettings(ModelOptions):
+    """Attack success rate of the run's model on a prompt file, with or without an intervention."""
+
+    run: Path = Field(..., description="run directory written by 'refusalscope direction'")
+    prompts: str = Field(..., description="prompt file (.txt, .csv, .json, .jsonl) or a dataset name")
+    column: str | None = Field(None, description="column holding the prompts (default: guessed)")
+    intervention: Literal["none", "ablate-direction", "add-direction"] = Field(
+        "none", description="none, ablate-direction (project r̂ out everywhere), add-direction (+λ r̂ at l*)")
+    coeff: float | None = Field(None, description="λ for add-direction (default: the norm of the mean difference)")
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated per prompt")
+    judge: str = Field("substring", description="substring, or classifier:<hub id or path>")
+    overlap: Literal["drop", "error", "allow"] = Field(
+        "drop", description="prompts the run trained or selected on: drop them, refuse, or allow")
+    data_dir: str | None = Field(None, description="data directory for dataset names (default: the run's)")
+    json_output: bool = Field(False, description="print one final JSON line {n, asr, refusal_rate, degenerate_rate}",
+                              json_schema_extra={"flag": "--json"})
+
+
+def read_toml(path: str | Path | None, command: str) -> dict:
+    if path is None:
+        return {}
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RefusalScopeError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RefusalScopeError(f"config file {p} is not valid TOML: {e}") from None
+    merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    merged.update(data.get(command, {}))
+    return {k.replace("-", "_"): v for k, v in merged.items()}
+
+
+def resolve(cls: type[CommandSettings], flags: dict, toml_path: str | Path | None = None, command: str = ""):
+    """Build ``cls`` from flags, environment and TOML, with one readable error on invalid values."""
+    toml = read_toml(toml_path, command)
+    known = set(cls.model_fields)
+    unknown = sorted(set(toml) - known)
+    if unknown:
+        raise RefusalScopeError(f"unknown option(s) in config file for '{command}': {', '.join(unknown)}")
+    cls._toml = toml
+    try:
+        return cls(**flags)
+    except ValidationError as e:
+        lines = [f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()]
+        raise RefusalScopeError("invalid options:\n  " + "\n  ".join(lines)) from None
+    finally:
+        cls._toml = {}
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'4-20', '10,12,19', '3-' or None (all) -> sorted layer list, checked against the model."""
+    if spec is None or str(spec).strip() in ("", "all"):
+        return list(range(n_layers))
+    out: set[int] = set()
+    try:
+        for part in str(spec).split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a) if a else 0, (int(b) if b else n_layers - 1) + 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        raise RefusalScopeError(f"cannot read layers {spec!r}; use e.g. '4-20' or '10,12,19'") from None
+    bad = sorted(x for x in out if not 0 <= x < n_layers)
+    if bad:
+        raise RefusalScopeError(f"layer(s) {bad} out of range: the model has layers 0..{n_layers - 1}")
+    return sorted(out)

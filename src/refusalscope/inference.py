@@ -1,0 +1,104 @@
+"""Batched, left-padded forwards and greedy generation, optionally under interventions.
+
+Prompts are sorted by length before batching (less padding) and results come back in the caller's order.
+Only the last position's logits are computed where that is all that is needed (``logits_to_keep=1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from refusalscope.hooks import Hook, hooked
+from refusalscope.interventions import Intervention, hooks_for
+from refusalscope.models import LoadedModel
+from refusalscope.prompts import format_chat, tokenize
+
+
+def length_sorted_batches(texts: Sequence[str], tokenizer, batch_size: int) -> Iterator[list[int]]:
+    """Index batches of similar token length, longest first (an OOM shows up on the first batch)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _progress(total: int, desc: str, show: bool):
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not show, leave=False, dynamic_ncols=True)
+
+
+def map_last_logits(lm: LoadedModel, instructions: Sequence[str], fn: Callable[[torch.Tensor], torch.Tensor], *,
+                    interventions: Sequence[Intervention] = (), batch_size: int = 16, extra_hooks: Sequence[Hook] = (),
+                    desc: str = "forward", progress: bool = True) -> torch.Tensor:
+    """Apply ``fn`` to the float32 last-position logits (B, V) of each batch; results stacked in input order."""
+    texts = format_chat(lm.tokenizer, instructions)
+    results: list[torch.Tensor | None] = [None] * len(texts)
+    with _progress(len(texts), desc, progress) as bar:
+        for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
+            batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
+            hooks = [*hooks_for(interventions, lm.n_layers, rows), *extra_hooks]
+            with torch.inference_mode(), hooked(lm.model, hooks):
+                logits = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+            out = fn(logits).cpu()
+            for j, i in enumerate(rows):
+                results[i] = out[j]
+            bar.update(len(rows))
+    return torch.stack(results) if results else torch.empty(0)  # type: ignore[arg-type]
+
+
+def last_logprobs(lm: LoadedModel, instructions: Sequence[str], **kw) -> torch.Tensor:
+    """Log-softmax of the next-token distribution after each prompt, (N, V)."""
+    return map_last_logits(lm, instructions, lambda x: torch.log_softmax(x, dim=-1), **kw)
+
+
+def collect_residuals(lm: LoadedModel, instructions: Sequence[str], positions: Sequence[int], *,
+                      layers: Sequence[int] | None = None, batch_size: int = 16, interventions=(),
+                      desc: str = "activations", progress: bool = True) -> torch.Tensor:
+    """resid_pre activations at ``positions`` (negative offsets), as float32 (N, n_layers, n_positions, d)."""
+    layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    texts = format_chat(lm.tokenizer, instructions)
+    out = torch.zeros(len(texts), len(layers), len(positions), lm.d_model, dtype=torch.float32)
+    pos = list(positions)
+    with _progress(len(texts), desc, progress) as bar:
+        for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
+            batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
+            store: dict[int, torch.Tensor] = {}
+
+            def recorder(layer: int):
+                def edit(h: torch.Tensor):
+                    store[layer] = h[:, pos, :].float().cpu()
+                return edit
+
+            hooks = [*hooks_for(interventions, lm.n_layers, rows), *(Hook("resid_pre", l, recorder(l)) for l in layers)]
+            with torch.inference_mode(), hooked(lm.model, hooks):
+                lm.model(**batch, logits_to_keep=1, use_cache=False)
+            idx = torch.tensor(rows)
+            for k, layer in enumerate(layers):
+                out[idx, k] = store[layer]
+            bar.update(len(rows))
+    return out
+
+
+def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+             interventions: Sequence[Intervention] = (), desc: str = "generate", progress: bool = True) -> list[str]:
+    """Greedy completions (special tokens stripped), in input order."""
+    texts = format_chat(lm.tokenizer, instructions)
+    completions: list[str] = [""] * len(texts)
+    tok = lm.tokenizer
+    eos = [t for t in {tok.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)} if t is not None]
+    eos_ids = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
+    with _progress(len(texts), desc, progress) as bar:
+        for rows in length_sorted_batches(texts, tok, batch_size):
+            batch = tokenize(tok, [texts[i] for i in rows], lm.device)
+            with torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, rows)):
+                out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                        top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids)
+            new = out[:, batch["input_ids"].shape[1]:]
+            for j, i in enumerate(rows):
+                completions[i] = tok.decode(new[j], skip_special_tokens=True)
+            bar.update(len(rows))
+    return completions

@@ -1,0 +1,75 @@
+"""Interventions as lists of hooks, so ablation, steering and (later) SAE edits share one mechanism.
+
+An intervention whose tensors have a batch axis carries one setting per batch row; ``select(rows)`` cuts it to
+the rows of a batch, which is how the batching helpers in ``inference`` give each prompt its own setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from refusalscope.ablation import add_direction, project_out, unit
+from refusalscope.hooks import Hook
+
+
+class Intervention:
+    per_row: bool = False
+
+    def hooks(self, n_layers: int) -> list[Hook]:
+        raise NotImplementedError
+
+    def select(self, rows: Sequence[int]) -> "Intervention":
+        return self
+
+
+@dataclass(frozen=True)
+class DirectionAblation(Intervention):
+    """Project r̂ out of every layer's input and of every attention/MLP write, at all positions (Arditi et al.)."""
+
+    direction: torch.Tensor  # (d,) or (B, d); normalised here
+    layers: tuple[int, ...] | None = None  # None: every layer
+
+    def hooks(self, n_layers: int) -> list[Hook]:
+        r = unit(self.direction.float())
+        edit = lambda h: project_out(h, r)  # noqa: E731
+        layers = range(n_layers) if self.layers is None else self.layers
+        return [Hook(point, layer, edit) for layer in layers for point in ("resid_pre", "attn_out", "mlp_out")]
+
+    @property
+    def per_row(self) -> bool:  # type: ignore[override]
+        return self.direction.dim() == 2
+
+    def select(self, rows):
+        return replace(self, direction=self.direction[list(rows)]) if self.per_row else self
+
+
+@dataclass(frozen=True)
+class ActivationAddition(Intervention):
+    """Add λ r̂ to the input of one layer at every position (the inverse check: it should induce refusal)."""
+
+    direction: torch.Tensor
+    layer: int
+    coeff: float = 1.0
+
+    def hooks(self, n_layers: int) -> list[Hook]:
+        r = unit(self.direction.float())
+        return [Hook("resid_pre", self.layer, lambda h: add_direction(h, r, self.coeff))]
+
+    @property
+    def per_row(self) -> bool:  # type: ignore[override]
+        return self.direction.dim() == 2
+
+    def select(self, rows):
+        return replace(self, direction=self.direction[list(rows)]) if self.per_row else self
+
+
+def hooks_for(interventions: Sequence[Intervention], n_layers: int, rows: Sequence[int] | None = None) -> list[Hook]:
+    out: list[Hook] = []
+    for iv in interventions:
+        if rows is not None and iv.per_row:
+            iv = iv.select(rows)
+        out.extend(iv.hooks(n_layers))
+    return out

