@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
 
 from refusalscope.errors import RefusalScopeError
 from refusalscope.registry import DEFAULT_MODEL
@@ -110,6 +110,9 @@ def resolve(cls: type[CommandSettings], flags: dict, toml_path: str | Path | Non
     cls._toml = toml
     try:
         return cls(**flags)
+    except SettingsError as e:  # e.g. a list option set in the environment as "kl,steer"
+        raise RefusalScopeError(f"{e}; list options in environment variables are JSON, e.g. "
+                                'REFUSALSCOPE_FILTERS=\'["kl","steer"]\'') from None
     except ValidationError as e:
         lines = [f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()]
         raise RefusalScopeError("invalid options:\n  " + "\n  ".join(lines)) from None
@@ -122,16 +125,22 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     if spec is None or str(spec).strip() in ("", "all"):
         return list(range(n_layers))
     out: set[int] = set()
+    bad_spec = RefusalScopeError(f"cannot read layers {spec!r}; use e.g. '4-20', '3-', '-5' or '10,12,19'")
     try:
         for part in str(spec).split(","):
             part = part.strip()
-            if "-" in part:
+            if "-" in part:  # 'a-b', 'a-' (to the last layer), '-b' (from layer 0)
                 a, b = part.split("-", 1)
-                out.update(range(int(a) if a else 0, (int(b) if b else n_layers - 1) + 1))
+                lo, hi = int(a) if a else 0, int(b) if b else n_layers - 1
+                if hi < lo:
+                    raise bad_spec
+                out.update(range(lo, hi + 1))
             elif part:
                 out.add(int(part))
     except ValueError:
-        raise RefusalScopeError(f"cannot read layers {spec!r}; use e.g. '4-20' or '10,12,19'") from None
+        raise bad_spec from None
+    if not out:
+        raise bad_spec
     bad = sorted(x for x in out if not 0 <= x < n_layers)
     if bad:
         raise RefusalScopeError(f"layer(s) {bad} out of range: the model has layers 0..{n_layers - 1}")

@@ -97,7 +97,10 @@ def read_table(path: Path) -> pd.DataFrame:
         if suffix == ".csv":
             return pd.read_csv(path, keep_default_na=False)
         if suffix == ".jsonl":
-            return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if rows and all(isinstance(r, str) for r in rows):
+                return pd.DataFrame({"text": rows})
+            return pd.DataFrame(rows)
         if suffix == ".json":
             obj = json.loads(path.read_text())
             if isinstance(obj, dict):  # {"data": [...]} or {"instructions": [...]}
@@ -124,7 +127,7 @@ def _pick_column(frame: pd.DataFrame, column: str | None, where: str) -> str:
         if c in frame.columns:
             return c
     if len(frame.columns) == 1:
-        return str(frame.columns[0])
+        return frame.columns[0]
     raise RefusalScopeError(f"cannot tell which column of {where} holds the prompts ({', '.join(map(str, frame.columns))});"
                             " pass --column")
 
@@ -181,7 +184,7 @@ def load_prompts(spec: str, *, data_dir: str | os.PathLike | None = None, column
     else:
         raise RefusalScopeError(f"unknown dataset {spec!r}: not a file and not one of {', '.join(DATASETS)}")
     col = _pick_column(frame, column, source)
-    frame = frame.reset_index(drop=True)
+    frame = frame[frame[col].notna()].reset_index(drop=True)  # rows without the field are no prompts
     texts = [str(t).strip() for t in frame[col].tolist()]
     keep = dedupe(texts)
     frame = frame.iloc[keep].reset_index(drop=True)

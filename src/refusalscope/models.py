@@ -18,6 +18,7 @@ import torch
 
 from refusalscope.errors import RefusalScopeError
 from refusalscope.registry import DEFAULT_MODEL, MODELS, ModelEntry, lookup
+from refusalscope.store import read_text_or_value
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
             "a .gguf file, or a hub id of the form org/name"
         )
     if chat_template:
-        p = Path(chat_template).expanduser()
-        tok.chat_template = p.read_text() if p.is_file() else chat_template
+        tok.chat_template = read_text_or_value(chat_template)
     elif not getattr(tok, "chat_template", None) and entry is not None and entry.fallback_chat_template:
         tok.chat_template = entry.fallback_chat_template
     if not getattr(tok, "chat_template", None):

@@ -17,17 +17,39 @@ import torch
 from refusalscope.errors import RefusalScopeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files 0600; run files should follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_text_or_value(value: str | None) -> str | None:
+    """The file's text when ``value`` names a file, else ``value`` itself (a template given inline)."""
+    if not value:
+        return value
+    try:
+        p = Path(value).expanduser()
+        return p.read_text() if p.is_file() else value
+    except OSError:  # e.g. an inline template longer than a file name
+        return value
+
+
+def _corrupt(p: Path, e: Exception) -> RefusalScopeError:
+    return RefusalScopeError(f"{p} could not be read ({type(e).__name__}: {e}); the run may be corrupt")
 
 
 class RunStore:
@@ -64,7 +86,10 @@ class RunStore:
         p = self.path(name)
         if not p.is_file():
             raise RefusalScopeError(f"{p} is missing: run the step that writes it first")
-        return pd.read_parquet(p)
+        try:
+            return pd.read_parquet(p)
+        except Exception as e:
+            raise _corrupt(p, e) from None
 
     def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
         from safetensors.torch import save_file
@@ -79,9 +104,12 @@ class RunStore:
         p = self.path(name)
         if not p.is_file():
             raise RefusalScopeError(f"{p} is missing: run the step that writes it first")
-        with safe_open(str(p), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        try:
+            with safe_open(str(p), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        except Exception as e:
+            raise _corrupt(p, e) from None
         return tensors, meta
 
     def save_figure(self, name: str, fig) -> Path:
