@@ -25,8 +25,21 @@ class Intervention:
         return self
 
 
+class _Directional(Intervention):
+    """Shared by interventions along a direction: a (B, d) direction gives each batch row its own."""
+
+    direction: torch.Tensor
+
+    @property
+    def per_row(self) -> bool:  # type: ignore[override]
+        return self.direction.dim() == 2
+
+    def select(self, rows):
+        return replace(self, direction=self.direction[list(rows)]) if self.per_row else self
+
+
 @dataclass(frozen=True)
-class DirectionAblation(Intervention):
+class DirectionAblation(_Directional):
     """Project r̂ out of every layer's input and of every attention/MLP write, at all positions (Arditi et al.)."""
 
     direction: torch.Tensor  # (d,) or (B, d); normalised here
@@ -38,16 +51,9 @@ class DirectionAblation(Intervention):
         layers = range(n_layers) if self.layers is None else self.layers
         return [Hook(point, layer, edit) for layer in layers for point in ("resid_pre", "attn_out", "mlp_out")]
 
-    @property
-    def per_row(self) -> bool:  # type: ignore[override]
-        return self.direction.dim() == 2
-
-    def select(self, rows):
-        return replace(self, direction=self.direction[list(rows)]) if self.per_row else self
-
 
 @dataclass(frozen=True)
-class ActivationAddition(Intervention):
+class ActivationAddition(_Directional):
     """Add λ r̂ to the input of one layer at every position (the inverse check: it should induce refusal)."""
 
     direction: torch.Tensor
@@ -57,13 +63,6 @@ class ActivationAddition(Intervention):
     def hooks(self, n_layers: int) -> list[Hook]:
         r = unit(self.direction.float())
         return [Hook("resid_pre", self.layer, lambda h: add_direction(h, r, self.coeff))]
-
-    @property
-    def per_row(self) -> bool:  # type: ignore[override]
-        return self.direction.dim() == 2
-
-    def select(self, rows):
-        return replace(self, direction=self.direction[list(rows)]) if self.per_row else self
 
 
 def hooks_for(interventions: Sequence[Intervention], n_layers: int, rows: Sequence[int] | None = None) -> list[Hook]:
