@@ -85,6 +85,17 @@ class AsrSettings(ModelOptions):
                               json_schema_extra={"flag": "--json"})
 
 
+def read_text_or_value(value: str | None) -> str | None:
+    """The file's text when ``value`` names a file, else ``value`` itself (a template given inline)."""
+    if not value:
+        return value
+    try:
+        p = Path(value).expanduser()
+        return p.read_text() if p.is_file() else value
+    except OSError:  # e.g. an inline template longer than a file name
+        return value
+
+
 def read_toml(path: str | Path | None, command: str) -> dict:
     if path is None:
         return {}

@@ -88,6 +88,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def _frame_from_items(items: list) -> pd.DataFrame:
+    """A list of strings becomes a ``text`` column; a list of objects, one column per key."""
+    if items and all(isinstance(x, str) for x in items):
+        return pd.DataFrame({"text": items})
+    return pd.DataFrame(items)
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read .csv, .json (list of objects or strings), .jsonl or .txt (one prompt a line) into a DataFrame."""
     if not path.is_file():
@@ -97,10 +104,7 @@ def read_table(path: Path) -> pd.DataFrame:
         if suffix == ".csv":
             return pd.read_csv(path, keep_default_na=False)
         if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if rows and all(isinstance(r, str) for r in rows):
-                return pd.DataFrame({"text": rows})
-            return pd.DataFrame(rows)
+            return _frame_from_items([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
         if suffix == ".json":
             obj = json.loads(path.read_text())
             if isinstance(obj, dict):  # {"data": [...]} or {"instructions": [...]}
@@ -108,9 +112,7 @@ def read_table(path: Path) -> pd.DataFrame:
                 if len(lists) != 1:
                     raise RefusalScopeError(f"{path}: a JSON object must hold exactly one list of prompts")
                 obj = lists[0]
-            if obj and all(isinstance(x, str) for x in obj):
-                return pd.DataFrame({"text": obj})
-            return pd.DataFrame(obj)
+            return _frame_from_items(obj)
         if suffix in (".txt", ""):
             return pd.DataFrame({"text": [line.strip() for line in path.read_text().splitlines() if line.strip()]})
     except (ValueError, json.JSONDecodeError, pd.errors.ParserError) as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.store import read_text_or_value
+from refusalscope.config import read_text_or_value
 
 # Refusal phrases used by Arditi et al. (refusal_direction's substring matching); facts, listed in our order.
 REFUSAL_PHRASES = (

@@ -18,7 +18,7 @@ import torch
 
 from refusalscope.errors import RefusalScopeError
 from refusalscope.registry import DEFAULT_MODEL, MODELS, ModelEntry, lookup
-from refusalscope.store import read_text_or_value
+from refusalscope.config import read_text_or_value
 
 log = logging.getLogger(__name__)
 

@@ -37,17 +37,6 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
-def read_text_or_value(value: str | None) -> str | None:
-    """The file's text when ``value`` names a file, else ``value`` itself (a template given inline)."""
-    if not value:
-        return value
-    try:
-        p = Path(value).expanduser()
-        return p.read_text() if p.is_file() else value
-    except OSError:  # e.g. an inline template longer than a file name
-        return value
-
-
 def _corrupt(p: Path, e: Exception) -> RefusalScopeError:
     return RefusalScopeError(f"{p} could not be read ({type(e).__name__}: {e}); the run may be corrupt")
 
