@@ -13,7 +13,8 @@ import sys
 import typing
 
 from refusalscope import __version__
-from refusalscope.config import AsrSettings, CommandSettings, DirectionSettings, resolve
+from refusalscope.config import (AsrSettings, CommandSettings, DirectionSettings, RunSettings, SaeEvalSettings,
+                                 SaeTrainSettings, resolve)
 from refusalscope.errors import RefusalScopeError
 
 
@@ -101,6 +102,75 @@ def cmd_asr(args) -> int:
     return 0
 
 
+def _run_model(s, store):
+    """Load the model a run was made with (device/dtype flags override the run's)."""
+    from refusalscope.models import load_model
+
+    run = store.read_json("run.json")
+    device = s.device if "device" in s.model_fields_set else run.get("device", "auto")
+    dtype = s.dtype if "dtype" in s.model_fields_set else run.get("dtype", "auto")
+    lm = load_model(run["model"], device=device, dtype=dtype, chat_template=s.chat_template or run.get("chat_template"),
+                    refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None)
+    return lm, run
+
+
+def _print_sae_report(table, as_json: bool) -> None:
+    cols = ["layer", "fvu", "l0", "dead_frac", "ce_increase"]
+    if as_json:
+        print(json.dumps([{c: (int(r[c]) if c == "layer" else round(float(r[c]), 4)) for c in cols}
+                          for _, r in table.iterrows()]))
+    else:
+        _print_table(table, cols + ["tokens"])
+
+
+def cmd_sae_train(args) -> int:
+    from refusalscope.sae_run import run_sae_train
+    from refusalscope.store import RunStore
+
+    s: SaeTrainSettings = _settings(args, SaeTrainSettings, "sae-train")
+    store = RunStore(s.run, create=False)
+    lm, run = _run_model(s, store)
+    store.write_json("config.sae_train.json", s.model_dump(mode="json"))
+    table = run_sae_train(lm, s, store, s.data_dir or run.get("data_dir"))
+    if not s.json_output:
+        print(f"SAEs recorded in {store.path('saes.json')}; quality on held-out text:")
+    _print_sae_report(table, s.json_output)
+    return 0
+
+
+def cmd_sae_eval(args) -> int:
+    from refusalscope.sae_run import run_sae_eval
+    from refusalscope.store import RunStore
+
+    s: SaeEvalSettings = _settings(args, SaeEvalSettings, "sae-eval")
+    store = RunStore(s.run, create=False)
+    lm, run = _run_model(s, store)
+    table = run_sae_eval(lm, s, store, s.data_dir or run.get("data_dir"))
+    _print_sae_report(table, s.json_output)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from refusalscope.pipeline import run_pipeline
+
+    s: RunSettings = _settings(args, RunSettings, "run")
+    summary = run_pipeline(s)
+    print(f"{summary['n_prompts']} prompts, {summary['n_refused_baseline']} refused at baseline, "
+          f"{summary['n_processed']} processed")
+    st1 = summary["stage1"]
+    print(f"stage 1: {st1['jailbroken']}/{summary['n_processed']} jailbroken (mean K {st1['mean_k']})")
+    if "stage2" in summary:
+        st2 = summary["stage2"]
+        for tau, row in st2["per_tau"].items():
+            print(f"stage 2: tau {tau}: {row['jailbroken']}/{row['n']} jailbroken, mean set size {row['mean_size']}")
+        rc = summary["random_control"]
+        print(f"stage 2 best tau {st2['best_tau']}: {st2['jailbroken']} jailbroken; random controls "
+              f"{rc['jailbroken']}/{rc['n']}")
+    print(f"results in {s.out}: summary.json, stage1.parquet, stage2.parquet, stage2_chains.parquet, "
+          "controls.parquet, prompts/")
+    return 0
+
+
 def cmd_models(args) -> int:
     from refusalscope.registry import MODELS
 
@@ -126,8 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="more log output")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls, func in (("direction", DirectionSettings, cmd_direction), ("asr", AsrSettings, cmd_asr)):
+    for name, cls, func in (("direction", DirectionSettings, cmd_direction), ("asr", AsrSettings, cmd_asr),
+                            ("run", RunSettings, cmd_run)):
         p = sub.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
+        add_settings_arguments(p, cls)
+        p.set_defaults(func=func)
+    sae = sub.add_parser("sae", help="train, reuse and evaluate the run's SAEs").add_subparsers(dest="sae_command",
+                                                                                                 required=True)
+    for name, cls, func in (("train", SaeTrainSettings, cmd_sae_train), ("eval", SaeEvalSettings, cmd_sae_eval)):
+        p = sae.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         add_settings_arguments(p, cls)
         p.set_defaults(func=func)
     for name, func, text in (("models", cmd_models, "list the model registry"),

@@ -85,6 +85,80 @@ class AsrSettings(ModelOptions):
                               json_schema_extra={"flag": "--json"})
 
 
+class _RunOptions(ModelOptions):
+    run: Path = Field(..., description="run directory (its run.json names the model)")
+    data_dir: str | None = Field(None, description="data directory for dataset names (default: the run's)")
+
+
+class SaeTrainSettings(_RunOptions):
+    """Train TopK SAEs (SAELens format) on the run model's residual stream, or reuse cached ones."""
+
+    layers: str | None = Field(None, description="layers, e.g. '2-19' (default: 2..l* of the run's direction)")
+    stride: int = Field(1, ge=1, description="train every stride-th of those layers (l* is always included)")
+    width: int = Field(4096, ge=16, description="latents per SAE (default ≥ 4 × d_model for the default model)")
+    k: int = Field(64, ge=1, description="active latents per token (TopK)")
+    epochs: int = Field(4, ge=1, description="passes over the collected activations")
+    train_batch_size: int = Field(1024, ge=1, description="tokens per optimiser step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    corpus: list[str] = Field(default_factory=lambda: ["harmless_train", "harmless_val", "harmful_train"],
+                              description="prompt sets the SAEs are trained on (never the evaluation prompts)")
+    max_prompts: int | None = Field(None, ge=1, description="use at most this many corpus prompts")
+    replies: int = Field(0, ge=0, description="append the model's own reply of up to N tokens to each prompt")
+    norm_factor: float = Field(4.0, gt=1, description="tokens above this × median norm (attention sinks) are "
+                               "outside the SAE's domain")
+    eval_sets: list[str] = Field(default_factory=lambda: ["harmless_test", "harmful_val"],
+                                 description="held-out prompt sets for the quality report")
+    n_eval: int = Field(32, ge=1, description="held-out prompts for the quality report")
+    seed: int = Field(0, description="random seed")
+    json_output: bool = Field(False, description="print one final JSON line with the per-layer report",
+                              json_schema_extra={"flag": "--json"})
+
+
+class SaeEvalSettings(_RunOptions):
+    """Report SAE quality on held-out chat text: FVU, L0, dead latents, CE-loss increase (reconstruction spliced in)."""
+
+    eval_sets: list[str] = Field(default_factory=lambda: ["harmless_test", "harmful_val"],
+                                 description="held-out prompt sets")
+    n_eval: int = Field(32, ge=1, description="held-out prompts")
+    json_output: bool = Field(False, description='print one final JSON line: [{"layer", "fvu", "l0", "dead_frac", '
+                              '"ce_increase"}, ...]', json_schema_extra={"flag": "--json"})
+
+
+class RunSettings(ModelOptions):
+    """The pipeline: direction, SAEs, Stage 1 (top-K by decoder cosine) and Stage 2 (Algorithm 1) over a prompt set.
+
+    Every step the run directory lacks is done first; finished prompts are never recomputed (resumable).
+    """
+
+    model: str = Field(DEFAULT_MODEL, description="registry alias, hub id, local directory or .gguf file")
+    out: Path = Field(..., description="run directory (created, or resumed if it exists)")
+    prompts: str = Field("advbench", description="prompt file (.txt, .csv, .json, .jsonl) or a dataset name")
+    column: str | None = Field(None, description="column holding the prompts (default: guessed)")
+    data_dir: str | None = Field(None, description="directory of the standard prompt sets (or REFUSALSCOPE_DATA)")
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts (after dropping training ones)")
+    max_refused: int | None = Field(None, ge=1, description="run the stages on at most N baseline-refused prompts")
+    stages: list[Literal["1", "2"]] = Field(default_factory=lambda: ["1", "2"], description="stages to run: 1,2")
+    saes: str | None = Field(None, description="SAE set: registry name, saelens:RELEASE:ID, or a directory "
+                             "(default: the model's registry set, else train them)")
+    layers: str | None = Field(None, description="SAE layers the stages use (default: every SAE layer ≥ min-layer)")
+    min_layer: int = Field(3, ge=0, description="lowest SAE layer used (the paper excludes layers 1–2)")
+    k_step: int = Field(10, ge=1, description="Stage 1: K grows in steps of this")
+    k_cap: int = Field(200, ge=1, description="Stage 1: largest K tried")
+    k_chunk: int = Field(5, ge=1, description="Stage 1: K values generated per batch")
+    block: int = Field(5, ge=1, description="Stage 2: block size N")
+    tau: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                             description="Stage 2: thresholds τ")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Stage 2: seeds (keep features found "
+                             "with all of them)")
+    stage2_batch_size: int = Field(64, ge=1, description="Stage 2: ablated sets per forward")
+    n_random: int = Field(1, ge=0, description="equal-size random active-feature control sets per prompt")
+    max_new_tokens: int = Field(48, ge=1, description="tokens generated to judge a jailbreak")
+    judge: str = Field("substring", description="substring, or classifier:<hub id or path>")
+    overlap: Literal["drop", "error", "allow"] = Field(
+        "drop", description="prompts used to train the direction or SAEs: drop them, refuse, or allow")
+    seed: int = Field(0, description="random seed (random controls)")
+
+
 def read_text_or_value(value: str | None) -> str | None:
     """The file's text when ``value`` names a file, else ``value`` itself (a template given inline)."""
     if not value:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,23 @@ from refusalscope.errors import RefusalScopeError
 
 Edit = Callable[[torch.Tensor], torch.Tensor | None]  # (B, T, d) -> edited tensor, or None to leave it
 POINTS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+
+
+_ATTENTION_MASK: ContextVar[torch.Tensor | None] = ContextVar("refusalscope_attention_mask", default=None)
+
+
+@contextmanager
+def batch_context(attention_mask: torch.Tensor | None) -> Iterator[None]:
+    """Make the current batch's attention mask visible to hooks (e.g. to find each row's first real token)."""
+    token = _ATTENTION_MASK.set(attention_mask)
+    try:
+        yield
+    finally:
+        _ATTENTION_MASK.reset(token)
+
+
+def current_attention_mask() -> torch.Tensor | None:
+    return _ATTENTION_MASK.get()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.hooks import Hook, hooked
+from refusalscope.hooks import Hook, batch_context, hooked
 from refusalscope.interventions import Intervention, hooks_for
 from refusalscope.models import LoadedModel
 from refusalscope.prompts import format_chat, tokenize
@@ -41,7 +41,7 @@ def map_last_logits(lm: LoadedModel, instructions: Sequence[str], fn: Callable[[
         for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
             batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
             hooks = [*hooks_for(interventions, lm.n_layers, rows), *extra_hooks]
-            with torch.inference_mode(), hooked(lm.model, hooks):
+            with torch.inference_mode(), hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
                 logits = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
             out = fn(logits).cpu()
             for j, i in enumerate(rows):
@@ -74,7 +74,7 @@ def collect_residuals(lm: LoadedModel, instructions: Sequence[str], positions: S
                 return edit
 
             hooks = [*hooks_for(interventions, lm.n_layers, rows), *(Hook("resid_pre", l, recorder(l)) for l in layers)]
-            with torch.inference_mode(), hooked(lm.model, hooks):
+            with torch.inference_mode(), hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
                 lm.model(**batch, logits_to_keep=1, use_cache=False)
             idx = torch.tensor(rows)
             for k, layer in enumerate(layers):
@@ -94,7 +94,8 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
     with _progress(len(texts), desc, progress) as bar:
         for rows in length_sorted_batches(texts, tok, batch_size):
             batch = tokenize(tok, [texts[i] for i in rows], lm.device)
-            with torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, rows)):
+            with (torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, rows)),
+                  batch_context(batch["attention_mask"])):
                 out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                         top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids)
             new = out[:, batch["input_ids"].shape[1]:]

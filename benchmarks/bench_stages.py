@@ -1,0 +1,130 @@
+"""Time Stages 1–2 for one prompt, and Stage 2 batched vs the sequential reference.
+
+    # CPU, the default model with a run's cached SAEs and direction (first AdvBench prompt it refuses)
+    python benchmarks/bench_stages.py --run runs/default --data-dir ../shared/data
+    # GPU, Gemma-2-2B-shaped random weights, 65k JumpReLU SAEs on layers 3..25, ~4,800 Stage-2 candidates
+    python benchmarks/bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800
+
+Sequential Stage 2 runs for ``--sequential-taus`` × all seeds (the reference's cost grows with each τ), and the
+kept sets must be identical to the batched ones. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench_common import random_jumprelu_saes, random_model, sync
+
+TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def main() -> None:
+    from refusalscope.features import refusal_probs_for_batch
+    from refusalscope.stage1 import candidate_set, ranked_latents
+    from refusalscope.stage2 import prune_batched, prune_sequential
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default=None)
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--random-shape", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", type=int, default=65536)
+    ap.add_argument("--candidates", type=int, default=4800)
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sequential-taus", default="0.1,0.5")
+    ap.add_argument("--sequential-seeds", default=None, help="seeds for the reference run (default: --seeds)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    seq_taus = [float(x) for x in args.sequential_taus.split(",") if x]
+    out: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "threads": torch.get_num_threads()}
+    t_stage1 = None
+    if args.run:
+        from refusalscope.data import drop_overlap, load_prompts
+        from refusalscope.direction import load_direction
+        from refusalscope.evaluate import seen_prompts
+        from refusalscope.judges import make_judge
+        from refusalscope.models import load_model
+        from refusalscope.prompts import format_chat, tokenize
+        from refusalscope.sae_run import load_run_saes
+        from refusalscope.stage1 import run_stage1
+        from refusalscope.store import RunStore
+
+        store = RunStore(args.run, create=False)
+        lm = load_model(store.read_json("run.json")["model"], device=args.device)
+        saes = {l: s.to(lm.device) for l, s in load_run_saes(store, lm).items() if l >= 3}
+        direction, _ = load_direction(store)
+        prompts, _ = drop_overlap(seen_prompts(store), load_prompts("advbench", data_dir=args.data_dir))
+        judge = make_judge("substring")
+        from refusalscope.inference import generate
+        prompt = next(p for p in prompts.texts[:40]
+                      if judge.judge([p], generate(lm, [p], max_new_tokens=24, progress=False))[0].refused)
+        ranked = ranked_latents(saes, direction, 200)
+        t0 = time.perf_counter()
+        r1 = run_stage1(lm, prompt, saes, ranked, judge, step=10, cap=200, chunk=5, max_new_tokens=48)
+        t_stage1 = time.perf_counter() - t0
+        cands = r1.features
+        out.update(prompt=prompt, stage1_k=r1.k, stage1_jailbroken=r1.jailbroken, stage1_s=round(t_stage1, 2))
+        model, n_layers = lm.model, lm.n_layers
+        batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
+        token_ids = lm.refusal_token_ids()
+    else:
+        model, n_layers, d, vocab = random_model(args.random_shape, device)
+        layers = list(range(3, n_layers))
+        saes = random_jumprelu_saes(layers, d, args.width, device)
+        per_layer = -(-args.candidates // len(layers))
+        ranked = ranked_latents(saes, torch.randn(d), per_layer)
+        cands = candidate_set(ranked, per_layer)[:args.candidates]
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, args.tokens), generator=g).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        token_ids = [235285]  # Gemma's "I"
+        out.update(shape=args.random_shape, width=args.width, layers=f"3-{n_layers - 1}", tokens=args.tokens)
+
+    forwards = {"n": 0}
+
+    def prob(member):
+        forwards["n"] += member.shape[0]
+        return refusal_probs_for_batch(model, n_layers, batch, token_ids, saes, cands, member,
+                                       batch_size=args.batch_size)
+
+    prob(torch.ones(2, len(cands), dtype=torch.bool))  # warm-up (CUDA kernels, allocator)
+    forwards["n"] = 0
+    sync(device)
+    t0 = time.perf_counter()
+    kept, chains = prune_batched(cands, prob, TAUS, seeds)
+    sync(device)
+    t_batched = time.perf_counter() - t0
+    out.update(candidates=len(cands), seeds=seeds, taus=TAUS, stage2_batched_s=round(t_batched, 3),
+               stage2_sets_scored=forwards["n"],
+               kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
+    if seq_taus:
+        forwards["n"] = 0
+        sync(device)
+        t0 = time.perf_counter()
+        same = True
+        seq_seeds = [int(x) for x in args.sequential_seeds.split(",")] if args.sequential_seeds else seeds
+        for t in seq_taus:
+            for s in seq_seeds:
+                same &= prune_sequential(cands, prob, t, s) == kept[(t, s)]
+        sync(device)
+        t_seq = time.perf_counter() - t0
+        per_tau = t_seq / len(seq_taus) * len(seeds) / len(seq_seeds)
+        out.update(sequential_taus=seq_taus, sequential_seeds=seq_seeds, stage2_sequential_s=round(t_seq, 2),
+                   sequential_forward_sets=forwards["n"], identical_to_batched=bool(same),
+                   sequential_all_taus_estimate_s=round(per_tau * len(TAUS), 2),
+                   speedup_batched_vs_sequential_all_taus=round(per_tau * len(TAUS) / t_batched, 1))
+    if t_stage1 is not None:
+        out["stages_1_2_s"] = round(t_stage1 + t_batched, 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Feature sets over several SAEs: a feature is (layer, latent); sets convert to per-layer latent maps.
+
+Also the one batched scoring primitive every stage uses: P(refusal token | prompt, model with set A ablated)
+for many sets A of one prompt, one forward per chunk of sets (paper, Eq. 1's P(p, A)).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from refusalscope.hooks import batch_context, hooked
+from refusalscope.interventions import hooks_for
+from refusalscope.latents import LatentAblation
+from refusalscope.models import LoadedModel
+from refusalscope.prompts import format_chat, tokenize
+from refusalscope.sae import Sae
+
+Feature = tuple[int, int]  # (layer, latent)
+
+
+def as_latent_set(features: Iterable[Feature]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for layer, latent in features:
+        out.setdefault(int(layer), []).append(int(latent))
+    return out
+
+
+def decoder_cosines(saes: Mapping[int, Sae], direction: torch.Tensor) -> dict[int, torch.Tensor]:
+    """cos(W_dec[i], r) for every latent of every SAE (paper, Stage 1)."""
+    out = {}
+    for layer, sae in saes.items():
+        W = sae.W_dec.float()
+        r = direction.float().flatten().to(W.device)
+        out[layer] = ((W @ r) / (W.norm(dim=-1).clamp(min=1e-12) * r.norm().clamp(min=1e-12))).cpu()
+    return out
+
+
+def membership(candidates: Sequence[Feature], sets: Sequence[Iterable[Feature]]) -> torch.Tensor:
+    """(len(sets), len(candidates)) boolean matrix: which candidates each set contains."""
+    col = {f: j for j, f in enumerate(candidates)}
+    out = torch.zeros(len(sets), len(candidates), dtype=torch.bool)
+    for r, s in enumerate(sets):
+        idx = [col[(int(l), int(i))] for l, i in s]
+        if idx:
+            out[r, idx] = True
+    return out
+
+
+@torch.inference_mode()
+def clean_prefix_length(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
+                        saes: Mapping[int, Sae], candidates: Sequence[Feature]) -> int:
+    """Leading positions where no candidate latent fires in the clean run (capped at T − 1).
+
+    Ablating any subset of the candidates leaves these positions exactly as in the clean run: the edit there is
+    −z_S W_dec = 0 at every layer (by induction over layers, since attention is causal). So their keys and
+    values can be computed once and shared by every ablated set.
+    """
+    from refusalscope.latents import LatentRecorder
+
+    rec = LatentRecorder(saes, as_latent_set(candidates))
+    with hooked(model, rec.hooks(n_layers)), batch_context(batch["attention_mask"]):
+        model(**batch, logits_to_keep=1, use_cache=False)
+    T = batch["input_ids"].shape[1]
+    active = torch.zeros(T, dtype=torch.bool)
+    for recs in rec.records.values():
+        active |= (recs[0][0] > 0).any(-1)
+    first = int(active.nonzero()[0]) if active.any() else T
+    return min(first, T - 1)
+
+
+@torch.inference_mode()
+def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
+                            token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
+                            member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
+                            reuse_prefix: bool = True) -> torch.Tensor:
+    """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
+    ``member`` (R, len(candidates)): the row's marked candidates are ablated.
+
+    With ``reuse_prefix`` the leading positions no candidate touches (``clean_prefix_length``) run once and
+    their key/value cache is shared by every row: same result, fewer tokens per row.
+    """
+    device = batch["input_ids"].device
+    ids = torch.as_tensor(list(token_ids), device=device)
+    out = torch.empty(member.shape[0], dtype=torch.float64)
+    if not len(candidates):
+        member = torch.zeros(member.shape[0], 0, dtype=torch.bool)
+    p0, cache = 0, None
+    if reuse_prefix and len(candidates) and member.shape[0] > 1:
+        p0 = clean_prefix_length(model, n_layers, batch, saes, candidates)
+        if p0 > 0:
+            cache = model(input_ids=batch["input_ids"][:, :p0], attention_mask=batch["attention_mask"][:, :p0],
+                          use_cache=True, logits_to_keep=1).past_key_values
+    for start in range(0, member.shape[0], batch_size):
+        chunk = member[start:start + batch_size].to(device)
+        rows = {k: v.expand(chunk.shape[0], -1) for k, v in batch.items()}
+        ivs = [LatentAblation.from_membership(saes, candidates, chunk, fast=fast)] if len(candidates) else []
+        with hooked(model, hooks_for(ivs, n_layers)), batch_context(rows["attention_mask"]):
+            if cache is None:
+                logits = model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            else:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(chunk.shape[0])
+                logits = model(input_ids=rows["input_ids"][:, p0:], attention_mask=rows["attention_mask"],
+                               past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, ids].sum(-1).double().cpu()
+    return out
+
+
+def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: Sequence[Iterable[Feature]], *,
+                  batch_size: int = 32, fast: bool = True, candidates: Sequence[Feature] | None = None,
+                  member: torch.Tensor | None = None) -> torch.Tensor:
+    """P(refusal token) at the last prompt position with each set ablated, (len(sets),) float64.
+
+    Sets can be given as lists, or as ``candidates`` + a boolean ``member`` matrix (then ``sets`` is ignored).
+    The refusal probability sums the probabilities of the model's refusal tokens ("I" by default).
+    """
+    batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
+    if member is None:
+        candidates = sorted({(int(l), int(i)) for s in sets for l, i in s})
+        member = membership(candidates, sets)
+    return refusal_probs_for_batch(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, member,
+                                   batch_size=batch_size, fast=fast)
+
+
+@torch.inference_mode()
+def active_features(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], features: Iterable[Feature] | None = None,
+                    ablate: Iterable[Feature] = ()) -> dict[Feature, float]:
+    """Max activation over the prompt's positions of ``features`` (all latents if None), optionally with a set
+    ablated upstream; only features with a positive activation are returned when ``features`` is None."""
+    from refusalscope.latents import LatentRecorder
+
+    wanted = None if features is None else as_latent_set(features)
+    latents = {l: (None if wanted is None else wanted.get(l, [])) for l in saes}
+    latents = {l: ids for l, ids in latents.items() if ids is None or len(ids)}
+    rec = LatentRecorder(saes, latents)
+    batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
+    ivs = [rec] if not ablate else [LatentAblation.build(saes, as_latent_set(ablate)), rec]
+    with hooked(lm.model, hooks_for(ivs, lm.n_layers)), batch_context(batch["attention_mask"]):
+        lm.model(**batch, logits_to_keep=1, use_cache=False)
+    out: dict[Feature, float] = {}
+    for layer, recs in rec.records.items():
+        zmax = recs[0][0].amax(dim=0)  # (n,) max over positions
+        ids = range(saes[layer].width) if latents[layer] is None else latents[layer]
+        for j, latent in enumerate(ids):
+            v = float(zmax[j])
+            if wanted is not None or v > 0:
+                out[(layer, int(latent))] = v
+    return out

@@ -1,0 +1,157 @@
+"""SAEs: our encodes agree with SAELens, saving round-trips through SAELens, loading errors are clear."""
+
+import json
+
+import pytest
+import torch
+
+from refusalscope.errors import RefusalScopeError
+from refusalscope.sae import Sae, check_against_model, from_saelens, layer_from_hook_name, load_sae_dir, save_sae, \
+    to_saelens
+from refusalscope.sae_sets import load_sae_set
+from refusalscope.sae_trainer import TrainConfig, train_topk
+
+ARCH_LIST = ["relu", "jumprelu", "topk"]
+
+
+def random_sae(arch: str, d: int = 32, m: int = 96, layer: int = 1, seed: int = 0, apply_b_dec: bool = False,
+               max_norm: float | None = None) -> Sae:
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(d, m, generator=g) / d**0.5
+    W_dec = torch.randn(m, d, generator=g) / m**0.5
+    kw = {}
+    if arch == "jumprelu":
+        kw["threshold"] = torch.rand(m, generator=g) * 0.3
+    if arch == "topk":
+        kw["k"] = 8
+    return Sae(arch, W_enc, torch.randn(m, generator=g) * 0.1, W_dec, torch.randn(d, generator=g) * 0.1, layer,
+               apply_b_dec_to_input=apply_b_dec, max_norm=max_norm, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCH_LIST)
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_encode_matches_saelens(arch, apply_b_dec):
+    sae = random_sae(arch, apply_b_dec=apply_b_dec)
+    x = torch.randn(5, 7, 32)
+    ref = to_saelens(sae)
+    assert torch.allclose(sae.encode(x), ref.encode(x), atol=1e-6)
+    assert torch.allclose(sae.decode(sae.encode(x)), ref.decode(ref.encode(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCH_LIST)
+def test_save_load_roundtrip_through_saelens(arch, tmp_path):
+    from sae_lens import SAE
+
+    sae = random_sae(arch, layer=3, apply_b_dec=True)
+    save_sae(sae, tmp_path / "s", model_name="tiny")
+    raw = SAE.load_from_disk(str(tmp_path / "s"))
+    x = torch.randn(4, 32)
+    assert torch.equal(raw.encode(x), sae.encode(x))
+    back = load_sae_dir(tmp_path / "s")
+    assert back.layer == 3 and back.arch == arch
+    assert torch.equal(back.encode(x), sae.encode(x))
+
+
+def test_max_norm_is_saved_and_zeroes_out_of_domain_tokens(tmp_path):
+    sae = random_sae("relu", max_norm=20.0)
+    save_sae(sae, tmp_path / "s")
+    back = load_sae_dir(tmp_path / "s")
+    assert back.max_norm == 20.0
+    x = torch.randn(3, 32)
+    x[1] *= 100  # far above the norm limit
+    z = back.encode(x)
+    assert z[1].abs().sum() == 0 and z[0].abs().sum() > 0
+    assert torch.equal(back.encode_subset(x, torch.arange(10))[1], torch.zeros(10))
+
+
+def test_topk_with_decoder_norm_rescaling_is_folded():
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    cfg = TopKSAEConfig(d_in=16, d_sae=48, k=4, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False)
+    raw = TopKSAE(cfg)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.normal_()
+    raw.cfg.metadata.hook_name = "blocks.2.hook_resid_post"
+    ours = from_saelens(raw)
+    x = torch.randn(6, 16)
+    assert torch.allclose(ours.decode(ours.encode(x)), raw.decode(raw.encode(x)), atol=1e-4)
+    assert torch.equal(ours.encode(x) > 0, raw.encode(x) > 0)
+
+
+def test_hook_names():
+    assert layer_from_hook_name("blocks.12.hook_resid_post") == 12
+    assert layer_from_hook_name("blocks.13.hook_resid_pre") == 12
+    assert layer_from_hook_name("blocks.3.hook_mlp_out") is None
+
+
+def test_wrong_hook_point_or_layer_is_refused():
+    raw = to_saelens(random_sae("relu", layer=4))
+    with pytest.raises(RefusalScopeError, match="layer 4"):
+        from_saelens(raw, layer=5)
+    raw.cfg.metadata.hook_name = "blocks.4.hook_mlp_out"
+    with pytest.raises(RefusalScopeError, match="not the residual stream"):
+        from_saelens(raw)
+
+
+def test_size_mismatch_and_layer_range_are_clear():
+    saes = {2: random_sae("relu", d=32, layer=2)}
+    with pytest.raises(RefusalScopeError, match="hidden size is 64"):
+        check_against_model(saes, n_layers=4, d_model=64)
+    with pytest.raises(RefusalScopeError, match="out of range"):
+        check_against_model({7: random_sae("relu", layer=7)}, n_layers=4, d_model=32)
+
+
+def test_latent_index_out_of_range():
+    with pytest.raises(RefusalScopeError, match="out of range"):
+        random_sae("relu", m=96).check_latents([3, 96])
+
+
+def test_corrupt_sae_file_is_a_clear_error(tmp_path):
+    save_sae(random_sae("jumprelu"), tmp_path / "s")
+    weights = tmp_path / "s" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RefusalScopeError, match="corrupt"):
+        load_sae_dir(tmp_path / "s")
+    with pytest.raises(RefusalScopeError, match="not a SAELens SAE directory"):
+        load_sae_dir(tmp_path / "nothing")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(RefusalScopeError):
+        load_sae_dir(tmp_path / "t")
+
+
+def test_sae_set_directory(tmp_path):
+    for layer in (1, 2, 3):
+        save_sae(random_sae("topk", layer=layer, seed=layer), tmp_path / f"layer_{layer}")
+    saes = load_sae_set(str(tmp_path), [1, 3])
+    assert sorted(saes) == [1, 3]
+    with pytest.raises(RefusalScopeError, match="no SAE for layer"):
+        load_sae_set(str(tmp_path), [5])
+    with pytest.raises(RefusalScopeError, match="unknown SAE set"):
+        load_sae_set(str(tmp_path / "missing"))
+
+
+def test_registry_sets_name_paper_saes():
+    from refusalscope.sae_sets import SAE_SETS
+
+    g = SAE_SETS["gemmascope-res-65k"]
+    assert g.sae_id(16) == "layer_16/width_65k/canonical" and g.release == "gemma-scope-2b-pt-res-canonical"
+    assert SAE_SETS["llamascope-res-32k"].sae_id(13) == "l13r_8x"
+    assert g.neuronpedia_id(16) == "gemma-2-2b/16-gemmascope-res-65k"
+
+
+def test_topk_trainer_learns_sparse_data():
+    """Data that is exactly 4-sparse in a random dictionary: a TopK SAE recovers most of the variance."""
+    g = torch.Generator().manual_seed(0)
+    d, m, n = 32, 64, 8192
+    dictionary = torch.randn(m, d, generator=g)
+    idx = torch.stack([torch.randperm(m, generator=g)[:4] for _ in range(n)])
+    codes = torch.zeros(n, m).scatter_(1, idx, torch.rand(n, 4, generator=g) * 3 + 1)
+    x = codes @ dictionary + 5.0  # an offset the decoder bias must learn
+    sae, log = train_topk(x, 2, TrainConfig(width=128, k=8, epochs=12, batch_size=256, lr=3e-3, seed=0))
+    recon = sae.decode(sae.encode(x))
+    fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.2, fvu
+    assert (sae.encode(x) > 0).sum(-1).float().mean() <= 8
