@@ -29,6 +29,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None)
+    ap.add_argument("--nth", type=int, default=0, help="with --run: use the nth AdvBench prompt the model refuses")
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--random-shape", default=None)
     ap.add_argument("--device", default="cpu")
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4800)
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--share", default="auto", help="refusal_probs_for_batch's share: auto, positions, layers, none")
+    ap.add_argument("--repeats", type=int, default=1, help="batched Stage 2 runs; the best time is reported")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sequential-taus", default="0.1,0.5")
     ap.add_argument("--sequential-seeds", default=None, help="seeds for the reference run (default: --seeds)")
@@ -64,8 +67,10 @@ def main() -> None:
         prompts, _ = drop_overlap(seen_prompts(store), load_prompts("advbench", data_dir=args.data_dir))
         judge = make_judge("substring")
         from refusalscope.inference import generate
-        prompt = next(p for p in prompts.texts[:40]
-                      if judge.judge([p], generate(lm, [p], max_new_tokens=24, progress=False))[0].refused)
+        texts = prompts.texts[:60]
+        refused = [p for p, v in zip(texts, judge.judge(texts, generate(lm, texts, max_new_tokens=24,
+                                                                        progress=False))) if v.refused]
+        prompt = refused[args.nth]
         ranked = ranked_latents(saes, direction, 200)
         t0 = time.perf_counter()
         r1 = run_stage1(lm, prompt, saes, ranked, judge, step=10, cap=200, chunk=5, max_new_tokens=48)
@@ -93,15 +98,20 @@ def main() -> None:
     def prob(member):
         forwards["n"] += member.shape[0]
         return refusal_probs_for_batch(model, n_layers, batch, token_ids, saes, cands, member,
-                                       batch_size=args.batch_size)
+                                       batch_size=args.batch_size, share=args.share)
 
     prob(torch.ones(2, len(cands), dtype=torch.bool))  # warm-up (CUDA kernels, allocator)
     forwards["n"] = 0
-    sync(device)
-    t0 = time.perf_counter()
-    kept, chains = prune_batched(cands, prob, TAUS, seeds)
-    sync(device)
-    t_batched = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        forwards["n"] = 0
+        sync(device)
+        t0 = time.perf_counter()
+        kept, chains = prune_batched(cands, prob, TAUS, seeds)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    t_batched = min(times)
+    out.update(share=args.share, batch_size=args.batch_size, stage2_batched_runs_s=[round(t, 3) for t in times])
     out.update(candidates=len(cands), seeds=seeds, taus=TAUS, stage2_batched_s=round(t_batched, 3),
                stage2_sets_scored=forwards["n"],
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})

@@ -1,7 +1,8 @@
 """Real default model + trained SAEs: Algorithm 1's batched form gives the reference's sets on real prompts.
 
-SAEs come from the user cache (``refusalscope sae train``); on a machine that has none, a small set (3 layers,
-300 prompts, 2 epochs) is trained once and cached, which takes a few minutes.
+A small SAE set (3 layers, 1024 latents, trained on ~5k tokens of 300 prompts) is trained once and cached in the
+user cache, which takes a few minutes; the width is small because 5k tokens cannot train 4096 latents (FVU 0.65 and
+40% dead latents when we tried). The default set's quality is measured by ``refusalscope sae eval``.
 """
 
 import pytest
@@ -30,7 +31,7 @@ def lm():
 def small_saes(lm, data_dir):
     corpus = (load_prompts("harmless_train", data_dir=data_dir, limit=240).texts
               + load_prompts("harmful_train", data_dir=data_dir, limit=60).texts)
-    cfg = TrainConfig(width=4096, k=64, epochs=2)
+    cfg = TrainConfig(width=1024, k=32, epochs=12, batch_size=128)
     _, saes, _ = train_sae_set(lm, LAYERS, corpus, cfg, corpus_id="integration-test", progress=False)
     return saes
 
@@ -46,7 +47,8 @@ def test_trained_saes_reconstruct(lm, small_saes, data_dir):
     table = evaluate_sae_set(lm, small_saes, load_prompts("harmless_test", data_dir=data_dir, limit=6).texts,
                              progress=False)
     assert (table.fvu < 0.5).all(), table
-    assert (table.l0 <= 64).all()
+    assert (table.l0 <= 32).all()
+    assert (table.dead_frac < 0.5).all(), table
     assert (table.ce_increase < 2.0).all(), table
 
 

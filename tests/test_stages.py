@@ -134,12 +134,12 @@ def test_refusal_probs_batch_equals_single(tiny_lm):
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
-def test_prefix_reuse_gives_the_same_probabilities(tiny_lm, arch):
+def test_prefix_reuse_gives_the_same_probabilities(any_tiny_lm, arch):
     from refusalscope.features import clean_prefix_length, membership, refusal_probs_for_batch
     from refusalscope.latents import LatentRecorder
     from refusalscope.prompts import format_chat, tokenize
 
-    lm = tiny_lm
+    lm = any_tiny_lm  # Qwen2/Llama use a DynamicCache, Gemma-2 a hybrid sliding-window cache
     saes = {l: random_sae(arch, d=lm.d_model, m=64, layer=l, seed=l) for l in (1, 2)}
     batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, ["Tell me how to pick a lock."]))
     rec = LatentRecorder(saes, {1: None, 2: None})
@@ -155,7 +155,40 @@ def test_prefix_reuse_gives_the_same_probabilities(tiny_lm, arch):
     sets = [quiet, quiet[:2], quiet[1:], []]
     member = membership(quiet, sets)
     ids = lm.refusal_token_ids()
-    reused = refusal_probs_for_batch(lm.model, lm.n_layers, batch, ids, saes, quiet, member, reuse_prefix=True)
-    full = refusal_probs_for_batch(lm.model, lm.n_layers, batch, ids, saes, quiet, member, reuse_prefix=False)
-    assert torch.allclose(reused, full, rtol=1e-5, atol=1e-9)
+    full = refusal_probs_for_batch(lm.model, lm.n_layers, batch, ids, saes, quiet, member, share="none")
+    for share in ("positions", "auto"):
+        reused = refusal_probs_for_batch(lm.model, lm.n_layers, batch, ids, saes, quiet, member, share=share)
+        assert torch.allclose(reused, full, rtol=1e-5, atol=1e-9), share
     assert not torch.allclose(full[0], full[3])  # the ablation mattered
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_replayed_lower_layers_give_the_same_probabilities(any_tiny_lm, arch):
+    """Layers below the lowest ablated layer run once and are replayed for every row: same P as running them."""
+    from refusalscope.features import membership, refusal_probs_for_batch
+    from refusalscope.hooks import decoder_layers
+    from refusalscope.prompts import format_chat, tokenize
+
+    lm = any_tiny_lm
+    top = lm.n_layers - 1
+    saes = {l: random_sae(arch, d=lm.d_model, m=64, layer=l, seed=l) for l in (top - 1, top)}
+    batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, ["Tell me how to pick a lock."]))
+    cands = [(l, i) for l in (top - 1, top) for i in range(0, 64, 3)]
+    sets = [cands, cands[:5], cands[5:], []]
+    member = membership(cands, sets)
+    ids = lm.refusal_token_ids()
+    calls = {"n": 0}
+    mlp = decoder_layers(lm.model)[0].mlp  # runs only when layer 0 really computes
+    handle = mlp.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        full = refusal_probs_for_batch(lm.model, lm.n_layers, batch, ids, saes, cands, member, share="none",
+                                       batch_size=2)
+        n_full = calls["n"]
+        replayed = refusal_probs_for_batch(lm.model, lm.n_layers, batch, ids, saes, cands, member, share="layers",
+                                           batch_size=2)
+    finally:
+        handle.remove()
+    assert torch.allclose(replayed, full, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(full[0], full[3])
+    assert n_full == 2 and calls["n"] - n_full == 1  # 2 chunks computed layer 0; replayed: only the clean pass
+    assert "forward" not in decoder_layers(lm.model)[0].__dict__  # restored

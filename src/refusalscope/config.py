@@ -150,10 +150,13 @@ class RunSettings(ModelOptions):
                              description="Stage 2: thresholds τ")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Stage 2: seeds (keep features found "
                              "with all of them)")
-    stage2_batch_size: int = Field(64, ge=1, description="Stage 2: ablated sets per forward")
+    stage2_batch_size: int | None = Field(None, ge=1, description="Stage 2: ablated sets per forward "
+                                          "(default: 64 on CPU, 1024 on a GPU)")
     n_random: int = Field(1, ge=0, description="equal-size random active-feature control sets per prompt")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated to judge a jailbreak")
     judge: str = Field("substring", description="substring, or classifier:<hub id or path>")
+    refusal_tokens: list[str] | None = Field(None, description="tokens whose probability is P(refusal) in Eq. 1 "
+                                             "(default: the registry's, \"I\")")
     overlap: Literal["drop", "error", "allow"] = Field(
         "drop", description="prompts used to train the direction or SAEs: drop them, refuse, or allow")
     seed: int = Field(0, description="random seed (random controls)")

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from refusalscope.hooks import batch_context, hooked
+from refusalscope.hooks import batch_context, hooked, replayed_layers
 from refusalscope.interventions import hooks_for
 from refusalscope.latents import LatentAblation
 from refusalscope.models import LoadedModel
@@ -75,37 +75,49 @@ def clean_prefix_length(model: torch.nn.Module, n_layers: int, batch: Mapping[st
 def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                             token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
                             member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
-                            reuse_prefix: bool = True) -> torch.Tensor:
+                            share: str = "auto") -> torch.Tensor:
     """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
     ``member`` (R, len(candidates)): the row's marked candidates are ablated.
 
-    With ``reuse_prefix`` the leading positions no candidate touches (``clean_prefix_length``) run once and
-    their key/value cache is shared by every row: same result, fewer tokens per row.
+    Work that every row shares can be done once (``share``; "auto" picks whichever saves more):
+    - "positions": the leading positions no candidate touches (``clean_prefix_length``) run once and their
+      key/value cache is shared by every row (fewer tokens per row);
+    - "layers": the layers below the lowest candidate layer run once and are replayed (``hooks.replayed_layers``);
+    - "none": every row runs the whole forward.
+    All give the same result, up to float rounding that depends on batch shapes.
     """
+    if share not in ("auto", "positions", "layers", "none"):
+        raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
     device = batch["input_ids"].device
     ids = torch.as_tensor(list(token_ids), device=device)
     out = torch.empty(member.shape[0], dtype=torch.float64)
     if not len(candidates):
         member = torch.zeros(member.shape[0], 0, dtype=torch.bool)
-    p0, cache = 0, None
-    if reuse_prefix and len(candidates) and member.shape[0] > 1:
-        p0 = clean_prefix_length(model, n_layers, batch, saes, candidates)
-        if p0 > 0:
+    p0, cache, frozen = 0, None, 0
+    if share != "none" and len(candidates) and member.shape[0] > 1:
+        T = batch["input_ids"].shape[1]
+        low = min(int(layer) for layer, _ in candidates)
+        if share != "layers":
+            p0 = clean_prefix_length(model, n_layers, batch, saes, candidates)
+        if p0 > 0 and (share == "positions" or p0 / T >= low / n_layers):
             cache = model(input_ids=batch["input_ids"][:, :p0], attention_mask=batch["attention_mask"][:, :p0],
                           use_cache=True, logits_to_keep=1).past_key_values
-    for start in range(0, member.shape[0], batch_size):
-        chunk = member[start:start + batch_size].to(device)
-        rows = {k: v.expand(chunk.shape[0], -1) for k, v in batch.items()}
-        ivs = [LatentAblation.from_membership(saes, candidates, chunk, fast=fast)] if len(candidates) else []
-        with hooked(model, hooks_for(ivs, n_layers)), batch_context(rows["attention_mask"]):
-            if cache is None:
-                logits = model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-            else:
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(chunk.shape[0])
-                logits = model(input_ids=rows["input_ids"][:, p0:], attention_mask=rows["attention_mask"],
-                               past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, ids].sum(-1).double().cpu()
+        elif share != "positions":
+            p0, frozen = 0, low
+    with replayed_layers(model, dict(batch), frozen):
+        for start in range(0, member.shape[0], batch_size):
+            chunk = member[start:start + batch_size].to(device)
+            rows = {k: v.expand(chunk.shape[0], -1) for k, v in batch.items()}
+            ivs = [LatentAblation.from_membership(saes, candidates, chunk, fast=fast)] if len(candidates) else []
+            with hooked(model, hooks_for(ivs, n_layers)), batch_context(rows["attention_mask"]):
+                if cache is None:
+                    logits = model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+                else:
+                    past = copy.deepcopy(cache)
+                    past.batch_repeat_interleave(chunk.shape[0])
+                    logits = model(input_ids=rows["input_ids"][:, p0:], attention_mask=rows["attention_mask"],
+                                   past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, ids].sum(-1).double().cpu()
     return out
 
 

@@ -118,3 +118,52 @@ def hooked(model: torch.nn.Module, hooks: Iterable[Hook]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _tile(output, rows: int):
+    if isinstance(output, tuple):
+        return (_tile(output[0], rows), *output[1:])
+    return output.expand(rows, *output.shape[1:]).contiguous()
+
+
+@contextmanager
+def replayed_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> Iterator[None]:
+    """Inside the block, decoder layers 0..n-1 return their outputs on ``batch`` (one row), tiled to the batch
+    size, instead of computing. Exact when every row is that sequence and nothing edits those layers: then
+    their outputs are the same for every row (the batched stages ablate only at layers >= n).
+
+    The layer's ``forward`` is swapped, not the module, so architectures that read attributes of their layers
+    in the loop (Gemma-2's ``attention_type``) and hooks on those layers keep working.
+    """
+    layers = decoder_layers(model)
+    if n <= 0:
+        yield
+        return
+    outs: dict[int, object] = {}
+
+    def keep(i):
+        def hook(module, args, output):
+            outs[i] = output
+        return hook
+
+    handles = [layers[i].register_forward_hook(keep(i)) for i in range(n)]
+    try:
+        with torch.inference_mode():
+            model(**batch, logits_to_keep=1, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def replay(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return _tile(outs[i], hidden.shape[0])
+        return forward
+
+    try:
+        for i in range(n):
+            layers[i].forward = replay(i)
+        yield
+    finally:
+        for i in range(n):
+            layers[i].__dict__.pop("forward", None)

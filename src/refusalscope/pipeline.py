@@ -121,12 +121,12 @@ def _judge_sets(lm, prompt, saes, sets: Sequence[Sequence[Feature]], judge, s) -
 
 
 STAGE_KEYS = ("stages", "layers", "min_layer", "k_step", "k_cap", "block", "tau", "seeds", "n_random",
-              "max_new_tokens", "judge", "seed")
+              "max_new_tokens", "judge", "seed", "refusal_tokens")
 
 
 def stage_key(s: RunSettings) -> dict:
     """The options a finished prompt's results depend on: a rerun with other values recomputes the prompt."""
-    return {k: v for k, v in s.model_dump(mode="json").items() if k in STAGE_KEYS}
+    return {k: v for k, v in s.model_dump(mode="json").items() if k in STAGE_KEYS and v is not None}
 
 
 def process_prompt(lm, pid: int, prompt: str, saes, ranked, judge, s: RunSettings) -> dict:
@@ -145,8 +145,10 @@ def process_prompt(lm, pid: int, prompt: str, saes, ranked, judge, s: RunSetting
     t1 = time.perf_counter()
     cands = r1.features
 
+    stage2_batch = s.stage2_batch_size or (1024 if torch.device(lm.device).type == "cuda" else 64)
+
     def prob(member):
-        return refusal_probs(lm, prompt, saes, [], candidates=cands, member=member, batch_size=s.stage2_batch_size)
+        return refusal_probs(lm, prompt, saes, [], candidates=cands, member=member, batch_size=stage2_batch)
 
     kept, chains = prune_batched(cands, prob, s.tau, s.seeds, s.block)
     per_tau = [{"tau": t, "seed_sizes": [len(kept[(t, sd)]) for sd in s.seeds],
@@ -243,7 +245,8 @@ def aggregate(store: RunStore, records: list[dict], n_prompts: int, n_refused: i
 
 def run_pipeline(s: RunSettings, progress: bool = True) -> dict:
     store = RunStore(s.out)
-    lm = load_model(s.model, device=s.device, dtype=s.dtype, chat_template=s.chat_template)
+    lm = load_model(s.model, device=s.device, dtype=s.dtype, chat_template=s.chat_template,
+                    refusal_tokens=tuple(s.refusal_tokens) if s.refusal_tokens else None)
     run = init_run(store, s, lm)
     data_dir = s.data_dir or run.get("data_dir")
     store.write_json("config.run.json", s.model_dump(mode="json"))
