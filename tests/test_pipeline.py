@@ -74,6 +74,7 @@ def test_run_writes_summary_and_resumes(setup, monkeypatch):
     assert "jailbroken" in summary["stage1"] and "jailbroken" in summary["stage2"]
     assert "jailbroken" in summary["random_control"]
     assert json.loads((s.out / "summary.json").read_text()) == summary
+    assert (s.out / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s1 = pd.read_parquet(s.out / "stage1.parquet")
     assert len(s1) == 3 and int(s1.jailbroken.sum()) == summary["stage1"]["jailbroken"]
     files = sorted((s.out / "prompts").glob("*.json"))

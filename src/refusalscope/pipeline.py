@@ -5,7 +5,8 @@ Layout of the run directory (all tables load with pandas):
 - baseline.parquet: every prompt's unablated completion and verdict (computed once);
 - prompts/<id>.json: one file per finished prompt, written atomically: a rerun skips these;
 - stage1.parquet, stage2.parquet (one row per prompt × τ), stage2_chains.parquet (Δ traces), controls.parquet,
-  summary.json: rebuilt from the per-prompt files at the end of every run.
+  stages.png (jailbreaks per τ, features per layer), summary.json: rebuilt from the per-prompt files at the end of
+  every run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from refusalscope.sae_run import load_run_saes, record_sae_set, run_sae_train
 from refusalscope.sae_sets import DEFAULT_SAE_SET, load_sae_set
 from refusalscope.stage1 import ranked_latents, run_stage1
 from refusalscope.stage2 import intersect, prune_batched
+from refusalscope.stage_plots import plot_stages
 from refusalscope.store import RunStore
 
 log = logging.getLogger("refusalscope")
@@ -239,6 +241,8 @@ def aggregate(store: RunStore, records: list[dict], n_prompts: int, n_refused: i
             "inactive": sum(c.get("n_inactive", 0) for c in checks), "features": sum(c["size"] for c in checks),
             "jailbreak_fails_without_them": int((~wo.jailbroken.astype(bool)).sum()) if len(wo) else 0,
             "n_tested": int(len(wo))}
+        if len(s2):
+            store.save_figure("stages.png", plot_stages(s1, s2, best, int(rnd.jailbroken.sum()), int(len(rnd))))
     store.write_json("summary.json", summary)
     return summary
 

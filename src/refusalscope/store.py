@@ -102,4 +102,10 @@ class RunStore:
         return tensors, meta
 
     def save_figure(self, name: str, fig) -> Path:
-        return _atomic(self.path(name), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        """Write a matplotlib figure as PNG, then close it (pyplot keeps every open figure alive)."""
+        import matplotlib.pyplot as plt
+
+        try:
+            return _atomic(self.path(name), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        finally:
+            plt.close(fig)
