@@ -14,14 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.hooks import Hook, hooked
+from refusalscope.hooks import Hook, StopForward, hooked
 from refusalscope.models import LoadedModel
 from refusalscope.prompts import _PLACEHOLDER, format_chat, tokenize
 from refusalscope.store import _atomic
-
-
-class _StopForward(Exception):
-    """Raised by the last recording hook: later layers are not needed."""
 
 
 def template_prefix_length(tokenizer) -> int:
@@ -44,14 +40,14 @@ def resid_post_batch(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int
         def edit(h):
             store[layer] = h.detach()
             if layer == last and not full:
-                raise _StopForward
+                raise StopForward
         return edit
 
     rec = [Hook("resid_post", l, recorder(l)) for l in layers]
     try:
         with torch.inference_mode(), hooked(lm.model, [*hooks, *rec]):
             lm.model(**batch, logits_to_keep=1, use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     return store, batch
 

@@ -120,6 +120,10 @@ def hooked(model: torch.nn.Module, hooks: Iterable[Hook]) -> Iterator[None]:
             handle.remove()
 
 
+class StopForward(Exception):
+    """Raised by a recording hook once the layers it needs have run: later layers are skipped."""
+
+
 def _tile(output, rows: int):
     if isinstance(output, tuple):
         return (_tile(output[0], rows), *output[1:])
@@ -144,12 +148,16 @@ def replayed_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: i
     def keep(i):
         def hook(module, args, output):
             outs[i] = output
+            if i == n - 1:
+                raise StopForward
         return hook
 
     handles = [layers[i].register_forward_hook(keep(i)) for i in range(n)]
     try:
         with torch.inference_mode():
             model(**batch, logits_to_keep=1, use_cache=False)
+    except StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
