@@ -167,7 +167,7 @@ def cmd_run(args) -> int:
         print(f"stage 2 best tau {st2['best_tau']}: {st2['jailbroken']} jailbroken; random controls "
               f"{rc['jailbroken']}/{rc['n']}")
     print(f"results in {s.out}: summary.json, stage1.parquet, stage2.parquet, stage2_chains.parquet, "
-          "controls.parquet, prompts/")
+          "controls.parquet, stages.png, prompts/")
     return 0
 
 
