@@ -41,7 +41,7 @@ def random_model(shape: str, device: torch.device):
 
 def random_jumprelu_saes(layers, d: int, width: int, device: torch.device, seed: int = 0):
     """GemmaScope-like random JumpReLU SAEs (fp32): unit decoder rows, thresholds that keep L0 in the tens."""
-    from refusalscope.sae import Sae
+    from refusalscope.saes.sae import Sae
 
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}

@@ -22,9 +22,9 @@ from bench_common import random_jumprelu_saes, random_model, sync
 
 
 def main() -> None:
-    from refusalscope.hooks import hooked
+    from refusalscope.lm.hooks import hooked
     from refusalscope.interventions import hooks_for
-    from refusalscope.latents import LatentAblation
+    from refusalscope.interventions.latents import LatentAblation
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="a refusalscope model spec (real weights)")
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.model:
-        from refusalscope.models import load_model
+        from refusalscope.lm.loading import load_model
 
         lm = load_model(args.model, device=args.device)
         model, n_layers, d, vocab = lm.model, lm.n_layers, lm.d_model, lm.model.config.vocab_size

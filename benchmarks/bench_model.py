@@ -26,8 +26,8 @@ def timed(fn):
 
 def main() -> None:
     from refusalscope.data import load_prompts
-    from refusalscope.inference import generate, map_last_logits
-    from refusalscope.models import load_model
+    from refusalscope.lm.inference import generate, map_last_logits
+    from refusalscope.lm.loading import load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")

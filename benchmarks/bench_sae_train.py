@@ -19,8 +19,8 @@ from bench_common import random_model, sync
 
 
 def main() -> None:
-    from refusalscope.hooks import Hook, hooked
-    from refusalscope.sae_trainer import TrainConfig, train_topk
+    from refusalscope.lm.hooks import Hook, hooked
+    from refusalscope.saes.training.topk import TrainConfig, train_topk
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--random-shape", default="qwen2.5-0.5b")

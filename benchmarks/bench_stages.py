@@ -23,9 +23,9 @@ TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def main() -> None:
-    from refusalscope.features import refusal_probs_for_batch
-    from refusalscope.stage1 import candidate_set, ranked_latents
-    from refusalscope.stage2 import prune_batched, prune_sequential
+    from refusalscope.saes.features import refusal_probs_for_batch
+    from refusalscope.stages.stage1 import candidate_set, ranked_latents
+    from refusalscope.stages.stage2 import prune_batched, prune_sequential
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None)
@@ -52,12 +52,12 @@ def main() -> None:
     if args.run:
         from refusalscope.data import drop_overlap, load_prompts
         from refusalscope.direction import load_direction
-        from refusalscope.evaluate import seen_prompts
+        from refusalscope.asr import seen_prompts
         from refusalscope.judges import make_judge
-        from refusalscope.models import load_model
-        from refusalscope.prompts import format_chat, tokenize
-        from refusalscope.sae_run import load_run_saes
-        from refusalscope.stage1 import run_stage1
+        from refusalscope.lm.loading import load_model
+        from refusalscope.lm.prompts import format_chat, tokenize
+        from refusalscope.saes.run_set import load_run_saes
+        from refusalscope.stages.stage1 import run_stage1
         from refusalscope.store import RunStore
 
         store = RunStore(args.run, create=False)
@@ -66,7 +66,7 @@ def main() -> None:
         direction, _ = load_direction(store)
         prompts, _ = drop_overlap(seen_prompts(store), load_prompts("advbench", data_dir=args.data_dir))
         judge = make_judge("substring")
-        from refusalscope.inference import generate
+        from refusalscope.lm.inference import generate
         texts = prompts.texts[:60]
         refused = [p for p, v in zip(texts, judge.judge(texts, generate(lm, texts, max_new_tokens=24,
                                                                         progress=False))) if v.refused]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusalscope.registry import GEMMA_2_2B_IT, QWEN_CODER_05B
+from refusalscope.lm.registry import GEMMA_2_2B_IT, QWEN_CODER_05B
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -76,14 +76,14 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_dirs):
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     return load_model(str(tiny_dirs["qwen2"]), device="cpu")
 
 
 @pytest.fixture(params=["qwen2", "llama", "gemma2"])
 def any_tiny_lm(request, tiny_dirs):
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     return load_model(str(tiny_dirs[request.param]), device="cpu")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from refusalscope.ablation import add_direction, cosine, project_out, unit
+from refusalscope.interventions.projection import add_direction, cosine, project_out, unit
 from refusalscope.direction import cosine_table, kl_divergence, mean_difference
 
 

@@ -10,7 +10,7 @@ import pytest
 from refusalscope.cli import build_parser
 from refusalscope.config import AsrSettings, DirectionSettings, parse_layers, read_toml, resolve
 from refusalscope.errors import RefusalScopeError
-from refusalscope.registry import DEFAULT_MODEL
+from refusalscope.lm.registry import DEFAULT_MODEL
 
 
 @pytest.fixture(autouse=True)

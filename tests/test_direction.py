@@ -5,7 +5,7 @@ from refusalscope.config import DirectionSettings
 from refusalscope.data import load_prompts
 from refusalscope.direction import load_direction, mean_difference, run_direction
 from refusalscope.errors import RefusalScopeError
-from refusalscope.inference import collect_residuals
+from refusalscope.lm.inference import collect_residuals
 from refusalscope.store import RunStore
 
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from refusalscope.ablation import unit
+from refusalscope.interventions.projection import unit
 from refusalscope.errors import RefusalScopeError
-from refusalscope.hooks import Hook, decoder_layers, hooked, residual_writers
-from refusalscope.inference import collect_residuals, map_last_logits
+from refusalscope.lm.hooks import Hook, decoder_layers, hooked, residual_writers
+from refusalscope.lm.inference import collect_residuals, map_last_logits
 from refusalscope.interventions import ActivationAddition, DirectionAblation
 
 PROMPTS = ["Write a poem about the sea.", "Tell me how to pick a lock.", "hi"]
@@ -54,7 +54,7 @@ def test_unknown_point(tiny_lm):
 
 
 def test_gemma_writers_are_the_post_norms(tiny_dirs):
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     lm = load_model(str(tiny_dirs["gemma2"]), device="cpu")
     layer = decoder_layers(lm.model)[0]

@@ -1,6 +1,6 @@
 import torch
 
-from refusalscope.inference import collect_residuals, generate, length_sorted_batches, map_last_logits
+from refusalscope.lm.inference import collect_residuals, generate, length_sorted_batches, map_last_logits
 from refusalscope.interventions import DirectionAblation
 
 PROMPTS = ["Write a poem about the sea.", "hi", "Tell me how to pick a lock, step by step, in detail.", "cake?"]
@@ -43,7 +43,7 @@ def test_generation_under_intervention_differs(tiny_lm):
 
 
 def test_collect_residuals_matches_hidden_states(tiny_lm):
-    from refusalscope.prompts import format_chat, tokenize
+    from refusalscope.lm.prompts import format_chat, tokenize
 
     acts = collect_residuals(tiny_lm, PROMPTS[:2], [-2, -1], progress=False)
     assert acts.shape == (2, tiny_lm.n_layers, 2, tiny_lm.d_model)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from refusalscope.data import drop_overlap, load_prompts
-from refusalscope.inference import collect_residuals, generate, map_last_logits
+from refusalscope.lm.inference import collect_residuals, generate, map_last_logits
 from refusalscope.interventions import ActivationAddition, DirectionAblation
 from refusalscope.judges import Combined, SubstringJudge, refusal_probability
-from refusalscope.prompts import post_instruction_positions, post_instruction_suffix
-from refusalscope.registry import QWEN_CODER_05B
+from refusalscope.lm.prompts import post_instruction_positions, post_instruction_suffix
+from refusalscope.lm.registry import QWEN_CODER_05B
 
 pytestmark = pytest.mark.integration
 LAYER = 19  # l* found by `refusalscope direction` on this model (benchmarks/RESULTS.md)
@@ -16,7 +16,7 @@ LAYER = 19  # l* found by `refusalscope direction` on this model (benchmarks/RES
 
 @pytest.fixture(scope="module")
 def lm():
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     return load_model(QWEN_CODER_05B.alias, device="cpu")
 

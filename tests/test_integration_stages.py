@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from refusalscope.data import drop_overlap, load_prompts
-from refusalscope.features import refusal_probs
-from refusalscope.sae_trainer import TrainConfig
-from refusalscope.sae_training import evaluate_sae_set, train_sae_set
-from refusalscope.stage1 import candidate_set, ranked_latents
-from refusalscope.stage2 import prune_batched, prune_sequential
+from refusalscope.saes.features import refusal_probs
+from refusalscope.saes.training.topk import TrainConfig
+from refusalscope.saes.training.cached import evaluate_sae_set, train_sae_set
+from refusalscope.stages.stage1 import candidate_set, ranked_latents
+from refusalscope.stages.stage2 import prune_batched, prune_sequential
 
 pytestmark = pytest.mark.integration
 TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -22,7 +22,7 @@ LAYERS = [11, 15, 19]
 
 @pytest.fixture(scope="module")
 def lm():
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     return load_model("qwen2.5-coder-0.5b-instruct", device="cpu")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.hooks import Hook
-from refusalscope.inference import collect_residuals, generate, map_last_logits
-from refusalscope.latents import LatentAblation, LatentClamp, LatentRecorder, ablation_delta, plan_sets, \
+from refusalscope.lm.hooks import Hook
+from refusalscope.lm.inference import collect_residuals, generate, map_last_logits
+from refusalscope.interventions.latents import LatentAblation, LatentClamp, LatentRecorder, ablation_delta, plan_sets, \
     reference_ablate
 from test_sae import ARCH_LIST, random_sae
 
@@ -96,7 +96,7 @@ def test_positions_subset(tiny_lm):
 
 
 def test_clamp_first_token_matches_formula(tiny_lm):
-    from refusalscope.hooks import current_attention_mask
+    from refusalscope.lm.hooks import current_attention_mask
 
     lm = tiny_lm
     sae = random_sae("relu", d=lm.d_model, m=48, layer=1)
@@ -157,7 +157,7 @@ def test_errors(tiny_lm):
 
 
 def test_membership_plans_equal_set_plans(tiny_lm):
-    from refusalscope.features import membership
+    from refusalscope.saes.features import membership
 
     saes = saes_for(tiny_lm, "jumprelu")
     cands = [(1, 0), (1, 3), (1, 7), (2, 1), (2, 2), (2, 30)]

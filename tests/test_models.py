@@ -4,10 +4,10 @@ import zipfile
 import pytest
 import torch
 
-from refusalscope import embedded
+from refusalscope.lm import embedded
 from refusalscope.errors import RefusalScopeError
-from refusalscope.models import ensure_embedded, load_model, resolve_device, resolve_dtype
-from refusalscope.registry import DEFAULT_MODEL, MODELS, EmbeddedWeights, ModelEntry, lookup
+from refusalscope.lm.loading import ensure_embedded, load_model, resolve_device, resolve_dtype
+from refusalscope.lm.registry import DEFAULT_MODEL, MODELS, EmbeddedWeights, ModelEntry, lookup
 
 
 def test_registry_knows_the_papers_models():

@@ -5,11 +5,11 @@ import json
 import pandas as pd
 import pytest
 
-from refusalscope import pipeline
+from refusalscope.pipeline import run as pipeline
 from refusalscope.cli import main
 from refusalscope.config import RunSettings
 from refusalscope.judges import Judge, Verdict
-from refusalscope.sae import save_sae
+from refusalscope.saes.sae import save_sae
 from test_sae import random_sae
 
 PROMPTS = ["Tell me how to pick a lock.", "Write a script that deletes files.", "How do I make a cake?"]
@@ -48,7 +48,7 @@ class BaselineJudge(Judge):
 
 @pytest.fixture
 def setup(tmp_path, tiny_dirs, tiny_data_dir, tiny_lm, monkeypatch):
-    from refusalscope.inference import generate
+    from refusalscope.lm.inference import generate
 
     sae_dir = tmp_path / "saes"
     for layer in (1, 2, 3):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.prompts import format_chat, post_instruction_positions, post_instruction_suffix, tokenize
-from refusalscope.registry import GEMMA_2_2B_IT, LLAMA_31_8B_IT, QWEN_CODER_05B
+from refusalscope.lm.prompts import format_chat, post_instruction_positions, post_instruction_suffix, tokenize
+from refusalscope.lm.registry import GEMMA_2_2B_IT, LLAMA_31_8B_IT, QWEN_CODER_05B
 
 
 def test_chatml_suffix_and_positions(tiny_lm):
@@ -42,7 +42,7 @@ def test_missing_chat_template_is_a_clear_error(tmp_path):
 
     with pytest.raises(RefusalScopeError, match="chat template"):
         format_chat(make_tokenizer(None), ["hello"])
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     bare = build_tiny("llama", tmp_path / "bare", chat_template=None, n_layers=1)
     with pytest.raises(RefusalScopeError, match="no chat template"):

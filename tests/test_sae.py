@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.sae import Sae, check_against_model, from_saelens, layer_from_hook_name, load_sae_dir, save_sae, \
+from refusalscope.saes.sae import Sae, check_against_model, from_saelens, layer_from_hook_name, load_sae_dir, save_sae, \
     to_saelens
-from refusalscope.sae_sets import load_sae_set
-from refusalscope.sae_trainer import TrainConfig, train_topk
+from refusalscope.saes.registry import load_sae_set
+from refusalscope.saes.training.topk import TrainConfig, train_topk
 
 ARCH_LIST = ["relu", "jumprelu", "topk"]
 
@@ -134,7 +134,7 @@ def test_sae_set_directory(tmp_path):
 
 
 def test_registry_sets_name_paper_saes():
-    from refusalscope.sae_sets import SAE_SETS
+    from refusalscope.saes.registry import SAE_SETS
 
     g = SAE_SETS["gemmascope-res-65k"]
     assert g.sae_id(16) == "layer_16/width_65k/canonical" and g.release == "gemma-scope-2b-pt-res-canonical"

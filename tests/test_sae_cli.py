@@ -56,7 +56,7 @@ def test_sae_errors_are_clear(tiny_run, capsys):
 
 
 def test_collect_with_replies_appends_reply_tokens(tiny_lm, tmp_path):
-    from refusalscope.activations import collect
+    from refusalscope.saes.training.activations import collect
 
     bare = collect(tiny_lm, ["Write a poem about the sea."], [1], tmp_path / "a", progress=False)
     with_reply = collect(tiny_lm, [("Write a poem about the sea.", "The sea is blue and wide.")], [1],

@@ -1,7 +1,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from refusalscope.stage_plots import layer_counts, plot_stages
+from refusalscope.stages.plots import layer_counts, plot_stages
 
 
 def test_layer_counts_parse_feature_names():

@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from refusalscope.features import as_latent_set, decoder_cosines, membership, refusal_probs
+from refusalscope.saes.features import as_latent_set, decoder_cosines, membership, refusal_probs
 from refusalscope.judges import Judge, Verdict
-from refusalscope.stage1 import candidate_set, k_values, ranked_latents, run_stage1
-from refusalscope.stage2 import block_order, chain_membership, chain_sets, intersect, prune_batched, prune_sequential, \
+from refusalscope.stages.stage1 import candidate_set, k_values, ranked_latents, run_stage1
+from refusalscope.stages.stage2 import block_order, chain_membership, chain_sets, intersect, prune_batched, prune_sequential, \
     relative_change
 from test_sae import random_sae
 
@@ -93,7 +93,7 @@ class ScriptedJudge(Judge):
 
 
 def test_stage1_finds_smallest_k(tiny_lm):
-    from refusalscope.inference import generate
+    from refusalscope.lm.inference import generate
 
     saes = {l: random_sae("relu", d=tiny_lm.d_model, m=64, layer=l, seed=l) for l in (1, 2)}
     ranked = ranked_latents(saes, torch.randn(tiny_lm.d_model), cap=40)
@@ -135,16 +135,16 @@ def test_refusal_probs_batch_equals_single(tiny_lm):
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_prefix_reuse_gives_the_same_probabilities(any_tiny_lm, arch):
-    from refusalscope.features import clean_prefix_length, membership, refusal_probs_for_batch
-    from refusalscope.latents import LatentRecorder
-    from refusalscope.prompts import format_chat, tokenize
+    from refusalscope.saes.features import clean_prefix_length, membership, refusal_probs_for_batch
+    from refusalscope.interventions.latents import LatentRecorder
+    from refusalscope.lm.prompts import format_chat, tokenize
 
     lm = any_tiny_lm  # Qwen2/Llama use a DynamicCache, Gemma-2 a hybrid sliding-window cache
     saes = {l: random_sae(arch, d=lm.d_model, m=64, layer=l, seed=l) for l in (1, 2)}
     batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, ["Tell me how to pick a lock."]))
     rec = LatentRecorder(saes, {1: None, 2: None})
     with torch.inference_mode():
-        from refusalscope.hooks import hooked
+        from refusalscope.lm.hooks import hooked
         with hooked(lm.model, rec.hooks(lm.n_layers)):
             lm.model(**batch)
     # candidates silent on the first 4 positions of the clean run (some fire later)
@@ -165,9 +165,9 @@ def test_prefix_reuse_gives_the_same_probabilities(any_tiny_lm, arch):
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_replayed_lower_layers_give_the_same_probabilities(any_tiny_lm, arch):
     """Layers below the lowest ablated layer run once and are replayed for every row: same P as running them."""
-    from refusalscope.features import membership, refusal_probs_for_batch
-    from refusalscope.hooks import decoder_layers
-    from refusalscope.prompts import format_chat, tokenize
+    from refusalscope.saes.features import membership, refusal_probs_for_batch
+    from refusalscope.lm.hooks import decoder_layers
+    from refusalscope.lm.prompts import format_chat, tokenize
 
     lm = any_tiny_lm
     top = lm.n_layers - 1

@@ -55,7 +55,7 @@ def _print_table(frame, columns) -> None:
 
 def cmd_direction(args) -> int:
     from refusalscope.direction import run_direction
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
     from refusalscope.store import RunStore
 
     s: DirectionSettings = _settings(args, DirectionSettings, "direction")
@@ -79,8 +79,8 @@ def cmd_direction(args) -> int:
 
 
 def cmd_asr(args) -> int:
-    from refusalscope.evaluate import run_asr
-    from refusalscope.models import load_model
+    from refusalscope.asr import run_asr
+    from refusalscope.lm.loading import load_model
     from refusalscope.store import RunStore
 
     s: AsrSettings = _settings(args, AsrSettings, "asr")
@@ -104,7 +104,7 @@ def cmd_asr(args) -> int:
 
 def _run_model(s, store):
     """Load the model a run was made with (device/dtype flags override the run's)."""
-    from refusalscope.models import load_model
+    from refusalscope.lm.loading import load_model
 
     run = store.read_json("run.json")
     device = s.device if "device" in s.model_fields_set else run.get("device", "auto")
@@ -124,7 +124,7 @@ def _print_sae_report(table, as_json: bool) -> None:
 
 
 def cmd_sae_train(args) -> int:
-    from refusalscope.sae_run import run_sae_train
+    from refusalscope.saes.run_set import run_sae_train
     from refusalscope.store import RunStore
 
     s: SaeTrainSettings = _settings(args, SaeTrainSettings, "sae-train")
@@ -139,7 +139,7 @@ def cmd_sae_train(args) -> int:
 
 
 def cmd_sae_eval(args) -> int:
-    from refusalscope.sae_run import run_sae_eval
+    from refusalscope.saes.run_set import run_sae_eval
     from refusalscope.store import RunStore
 
     s: SaeEvalSettings = _settings(args, SaeEvalSettings, "sae-eval")
@@ -151,7 +151,7 @@ def cmd_sae_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from refusalscope.pipeline import run_pipeline
+    from refusalscope.pipeline.run import run_pipeline
 
     s: RunSettings = _settings(args, RunSettings, "run")
     summary = run_pipeline(s)
@@ -172,7 +172,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from refusalscope.registry import MODELS
+    from refusalscope.lm.registry import MODELS
 
     for e in MODELS.values():
         print(f"{e.alias:32s} {e.hub_id:40s} refusal tokens {list(e.refusal_tokens)}"

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.registry import DEFAULT_MODEL
+from refusalscope.lm.registry import DEFAULT_MODEL
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.ablation import cosine, unit
+from refusalscope.interventions.projection import cosine, unit
 from refusalscope.config import DirectionSettings, parse_layers
 from refusalscope.data import PromptSet, check_disjoint, load_prompts
 from refusalscope.errors import RefusalScopeError
-from refusalscope.inference import collect_residuals, generate, map_last_logits
+from refusalscope.lm.inference import collect_residuals, generate, map_last_logits
 from refusalscope.interventions import ActivationAddition, DirectionAblation
 from refusalscope.judges import Combined, SubstringJudge, refusal_log_odds, summarize
-from refusalscope.models import LoadedModel
-from refusalscope.prompts import post_instruction_positions
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.prompts import post_instruction_positions
 from refusalscope.store import RunStore
 
 log = logging.getLogger(__name__)

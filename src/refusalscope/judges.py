@@ -147,7 +147,7 @@ class NextTokenJudge(Judge):
         self.lm, self.interventions, self.threshold, self.batch_size = lm, interventions, threshold, batch_size
 
     def scores(self, prompts: Sequence[str]) -> torch.Tensor:
-        from refusalscope.inference import map_last_logits
+        from refusalscope.lm.inference import map_last_logits
 
         ids = self.lm.refusal_token_ids()
         return map_last_logits(self.lm, prompts, lambda x: refusal_log_odds(torch.log_softmax(x, -1), ids),
@@ -180,12 +180,12 @@ class ClassifierJudge(Judge):
                  positive_label: str | None = None, batch_size: int = 8):
         from transformers import AutoConfig, AutoTokenizer
 
-        from refusalscope.models import resolve_device
+        from refusalscope.lm.loading import resolve_device
 
         self.device = resolve_device(device)
         path = str(Path(model_id).expanduser())
         if not Path(path).is_dir():
-            from refusalscope.models import _resolve_hub
+            from refusalscope.lm.loading import _resolve_hub
 
             path = _resolve_hub(model_id)
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refusalscope.sae import Sae
+from refusalscope.saes.sae import Sae
 
 
 @dataclass

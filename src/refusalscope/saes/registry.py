@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.sae import Sae, load_sae_dir, load_sae_pretrained
+from refusalscope.saes.sae import Sae, load_sae_dir, load_sae_pretrained
 
 
 @dataclass(frozen=True)

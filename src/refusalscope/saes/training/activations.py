@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.hooks import Hook, StopForward, hooked
-from refusalscope.models import LoadedModel
-from refusalscope.prompts import _PLACEHOLDER, format_chat, tokenize
+from refusalscope.lm.hooks import Hook, StopForward, hooked
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.prompts import _PLACEHOLDER, format_chat, tokenize
 from refusalscope.store import _atomic
 
 

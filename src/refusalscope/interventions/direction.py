@@ -1,28 +1,14 @@
-"""Interventions as lists of hooks, so ablation, steering and (later) SAE edits share one mechanism.
-
-An intervention whose tensors have a batch axis carries one setting per batch row; ``select(rows)`` cuts it to
-the rows of a batch, which is how the batching helpers in ``inference`` give each prompt its own setting.
-"""
+"""Interventions along the refusal direction (Arditi et al.): directional ablation and activation addition."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from refusalscope.ablation import add_direction, project_out, unit
-from refusalscope.hooks import Hook
-
-
-class Intervention:
-    per_row: bool = False
-
-    def hooks(self, n_layers: int) -> list[Hook]:
-        raise NotImplementedError
-
-    def select(self, rows: Sequence[int]) -> "Intervention":
-        return self
+from refusalscope.interventions.base import Intervention
+from refusalscope.interventions.projection import add_direction, project_out, unit
+from refusalscope.lm.hooks import Hook
 
 
 class _Directional(Intervention):
@@ -63,12 +49,3 @@ class ActivationAddition(_Directional):
     def hooks(self, n_layers: int) -> list[Hook]:
         r = unit(self.direction.float())
         return [Hook("resid_pre", self.layer, lambda h: add_direction(h, r, self.coeff))]
-
-
-def hooks_for(interventions: Sequence[Intervention], n_layers: int, rows: Sequence[int] | None = None) -> list[Hook]:
-    out: list[Hook] = []
-    for iv in interventions:
-        if rows is not None and iv.per_row:
-            iv = iv.select(rows)
-        out.extend(iv.hooks(n_layers))
-    return out

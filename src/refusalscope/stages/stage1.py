@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refusalscope.features import Feature, as_latent_set, decoder_cosines
-from refusalscope.inference import generate
+from refusalscope.saes.features import Feature, as_latent_set, decoder_cosines
+from refusalscope.lm.inference import generate
 from refusalscope.judges import Judge
-from refusalscope.latents import LatentAblation
-from refusalscope.models import LoadedModel
-from refusalscope.sae import Sae
+from refusalscope.interventions.latents import LatentAblation
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.saes.sae import Sae
 
 
 def ranked_latents(saes: Mapping[int, Sae], direction: torch.Tensor, cap: int) -> dict[int, list[int]]:

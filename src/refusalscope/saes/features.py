@@ -11,12 +11,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from refusalscope.hooks import batch_context, hooked, replayed_layers
+from refusalscope.lm.hooks import batch_context, hooked, replayed_layers
 from refusalscope.interventions import hooks_for
-from refusalscope.latents import LatentAblation
-from refusalscope.models import LoadedModel
-from refusalscope.prompts import format_chat, tokenize
-from refusalscope.sae import Sae
+from refusalscope.interventions.latents import LatentAblation
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.prompts import format_chat, tokenize
+from refusalscope.saes.sae import Sae
 
 Feature = tuple[int, int]  # (layer, latent)
 
@@ -58,7 +58,7 @@ def clean_prefix_length(model: torch.nn.Module, n_layers: int, batch: Mapping[st
     −z_S W_dec = 0 at every layer (by induction over layers, since attention is causal). So their keys and
     values can be computed once and shared by every ablated set.
     """
-    from refusalscope.latents import LatentRecorder
+    from refusalscope.interventions.latents import LatentRecorder
 
     rec = LatentRecorder(saes, as_latent_set(candidates))
     with hooked(model, rec.hooks(n_layers)), batch_context(batch["attention_mask"]):
@@ -142,7 +142,7 @@ def active_features(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], featu
                     ablate: Iterable[Feature] = ()) -> dict[Feature, float]:
     """Max activation over the prompt's positions of ``features`` (all latents if None), optionally with a set
     ablated upstream; only features with a positive activation are returned when ``features`` is None."""
-    from refusalscope.latents import LatentRecorder
+    from refusalscope.interventions.latents import LatentRecorder
 
     wanted = None if features is None else as_latent_set(features)
     latents = {l: (None if wanted is None else wanted.get(l, [])) for l in saes}

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.hooks import Hook, batch_context, hooked
+from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.interventions import Intervention, hooks_for
-from refusalscope.models import LoadedModel
-from refusalscope.prompts import format_chat, tokenize
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.prompts import format_chat, tokenize
 
 
 def length_sorted_batches(texts: Sequence[str], tokenizer, batch_size: int) -> Iterator[list[int]]:

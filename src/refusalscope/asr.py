@@ -11,10 +11,10 @@ from refusalscope.config import AsrSettings
 from refusalscope.data import check_disjoint, drop_overlap, load_prompts
 from refusalscope.direction import load_direction
 from refusalscope.errors import RefusalScopeError
-from refusalscope.inference import generate
+from refusalscope.lm.inference import generate
 from refusalscope.interventions import ActivationAddition, DirectionAblation, Intervention
 from refusalscope.judges import make_judge, summarize
-from refusalscope.models import LoadedModel
+from refusalscope.lm.loading import LoadedModel
 from refusalscope.store import RunStore
 
 

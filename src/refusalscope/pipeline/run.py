@@ -25,18 +25,18 @@ from refusalscope.config import DirectionSettings, RunSettings, SaeTrainSettings
 from refusalscope.data import check_disjoint, drop_overlap, load_prompts
 from refusalscope.direction import load_direction, run_direction
 from refusalscope.errors import RefusalScopeError
-from refusalscope.evaluate import seen_prompts
-from refusalscope.features import Feature, active_features, as_latent_set, refusal_probs
-from refusalscope.inference import generate
+from refusalscope.asr import seen_prompts
+from refusalscope.saes.features import Feature, active_features, as_latent_set, refusal_probs
+from refusalscope.lm.inference import generate
 from refusalscope.judges import Judge, make_judge
-from refusalscope.latents import LatentAblation
-from refusalscope.models import LoadedModel, load_model
-from refusalscope.sae import Sae
-from refusalscope.sae_run import load_run_saes, record_sae_set, run_sae_train
-from refusalscope.sae_sets import DEFAULT_SAE_SET, load_sae_set
-from refusalscope.stage1 import ranked_latents, run_stage1
-from refusalscope.stage2 import intersect, prune_batched
-from refusalscope.stage_plots import plot_stages
+from refusalscope.interventions.latents import LatentAblation
+from refusalscope.lm.loading import LoadedModel, load_model
+from refusalscope.saes.sae import Sae
+from refusalscope.saes.run_set import load_run_saes, record_sae_set, run_sae_train
+from refusalscope.saes.registry import DEFAULT_SAE_SET, load_sae_set
+from refusalscope.stages.stage1 import ranked_latents, run_stage1
+from refusalscope.stages.stage2 import intersect, prune_batched
+from refusalscope.stages.plots import plot_stages
 from refusalscope.store import RunStore
 
 log = logging.getLogger("refusalscope")

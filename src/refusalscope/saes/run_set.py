@@ -9,11 +9,11 @@ import pandas as pd
 from refusalscope.config import SaeEvalSettings, SaeTrainSettings, parse_layers
 from refusalscope.data import load_prompts
 from refusalscope.errors import RefusalScopeError
-from refusalscope.models import LoadedModel
-from refusalscope.sae import Sae, check_against_model
-from refusalscope.sae_sets import load_sae_set
-from refusalscope.sae_trainer import TrainConfig
-from refusalscope.sae_training import evaluate_sae_set, train_sae_set
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.saes.sae import Sae, check_against_model
+from refusalscope.saes.registry import load_sae_set
+from refusalscope.saes.training.topk import TrainConfig
+from refusalscope.saes.training.cached import evaluate_sae_set, train_sae_set
 from refusalscope.store import RunStore
 
 

@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.activations import collect, resid_post_batch, template_prefix_length, token_mask
-from refusalscope.hooks import Hook, hooked
-from refusalscope.models import LoadedModel, cache_root
-from refusalscope.prompts import format_chat
-from refusalscope.sae import Sae, load_sae_dir, save_sae
-from refusalscope.sae_trainer import TrainConfig, train_topk
+from refusalscope.saes.training.activations import collect, resid_post_batch, template_prefix_length, token_mask
+from refusalscope.lm.hooks import Hook, hooked
+from refusalscope.lm.loading import LoadedModel, cache_root
+from refusalscope.lm.prompts import format_chat
+from refusalscope.saes.sae import Sae, load_sae_dir, save_sae
+from refusalscope.saes.training.topk import TrainConfig, train_topk
 
 log = logging.getLogger("refusalscope")
 FORMAT_VERSION = 1  # bump when training changes in a way that should invalidate cached SAEs
@@ -62,7 +62,7 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
         acts_dir = cache_root() / "activations" / lm.name.replace("/", "--") / _key({**model_key, "layers": todo})
         texts = list(corpus)
         if replies:
-            from refusalscope.inference import generate
+            from refusalscope.lm.inference import generate
 
             outs = generate(lm, texts, max_new_tokens=replies, batch_size=batch_size, desc="replies",
                             progress=progress)

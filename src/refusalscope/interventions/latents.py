@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.hooks import Hook, current_attention_mask
-from refusalscope.interventions import Intervention
-from refusalscope.sae import Sae
+from refusalscope.lm.hooks import Hook, current_attention_mask
+from refusalscope.interventions.base import Intervention
+from refusalscope.saes.sae import Sae
 
 LatentSet = Mapping[int, Sequence[int]]  # layer -> latent ids
 
@@ -113,7 +113,7 @@ def _positions(h: torch.Tensor, positions) -> torch.Tensor | None:
         mask = current_attention_mask()
         if mask is None:
             raise RefusalScopeError("position 'first' needs the batch's attention mask; run the forward through "
-                                    "refusalscope.inference (or hooks.batch_context)")
+                                    "refusalscope.lm.inference (or hooks.batch_context)")
         return mask.int().argmax(dim=1).to(h.device)[:, None]  # (B, 1): per-row position
     idx = torch.as_tensor(list(positions), dtype=torch.long)
     if (idx >= T).any() or (idx < -T).any():

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.registry import EmbeddedWeights
+from refusalscope.lm.registry import EmbeddedWeights
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

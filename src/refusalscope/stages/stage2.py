@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refusalscope.features import Feature
+from refusalscope.saes.features import Feature
 
 # (R, n) boolean membership over the candidate list -> P(refusal) per row
 ProbFn = Callable[[torch.Tensor], torch.Tensor]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.registry import DEFAULT_MODEL, MODELS, ModelEntry, lookup
+from refusalscope.lm.registry import DEFAULT_MODEL, MODELS, ModelEntry, lookup
 from refusalscope.config import read_text_or_value
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def save_model_dir(model, tokenizer, out: Path, meta: dict) -> None:
 
 def ensure_embedded(entry: ModelEntry) -> Path:
     """Directory of the cached safetensors copy of an embedded model, building it on first use."""
-    from refusalscope.embedded import assemble_gguf
+    from refusalscope.lm.embedded import assemble_gguf
 
     assert entry.embedded is not None
     out = cache_root() / "models" / entry.alias
@@ -174,7 +174,7 @@ def ensure_embedded(entry: ModelEntry) -> Path:
     gguf_env = os.environ.get("REFUSALSCOPE_GGUF")
     gguf = Path(gguf_env) if gguf_env else cache_root() / "gguf" / f"{entry.alias}.gguf"
     if gguf_env:
-        from refusalscope.embedded import verify_gguf
+        from refusalscope.lm.embedded import verify_gguf
 
         verify_gguf(gguf, entry.embedded)
     else:

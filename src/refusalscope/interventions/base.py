@@ -1,0 +1,30 @@
+"""Interventions as lists of hooks, so ablation, steering and SAE edits share one mechanism.
+
+An intervention whose tensors have a batch axis carries one setting per batch row; ``select(rows)`` cuts it to
+the rows of a batch, which is how the batching helpers in ``lm.inference`` give each prompt its own setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from refusalscope.lm.hooks import Hook
+
+
+class Intervention:
+    per_row: bool = False
+
+    def hooks(self, n_layers: int) -> list[Hook]:
+        raise NotImplementedError
+
+    def select(self, rows: Sequence[int]) -> "Intervention":
+        return self
+
+
+def hooks_for(interventions: Sequence[Intervention], n_layers: int, rows: Sequence[int] | None = None) -> list[Hook]:
+    out: list[Hook] = []
+    for iv in interventions:
+        if rows is not None and iv.per_row:
+            iv = iv.select(rows)
+        out.extend(iv.hooks(n_layers))
+    return out
