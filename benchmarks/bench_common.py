@@ -45,10 +45,10 @@ def random_jumprelu_saes(layers, d: int, width: int, device: torch.device, seed:
 
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}
-    for l in layers:
+    for layer in layers:
         W_dec = torch.randn(width, d, generator=g, device=device)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         W_enc = W_dec.t().contiguous()
-        out[l] = Sae("jumprelu", W_enc, torch.zeros(width, device=device), W_dec, torch.zeros(d, device=device), l,
-                     threshold=torch.full((width,), 3.0, device=device))
+        out[layer] = Sae("jumprelu", W_enc, torch.zeros(width, device=device), W_dec, torch.zeros(d, device=device),
+                         layer, threshold=torch.full((width,), 3.0, device=device))
     return out

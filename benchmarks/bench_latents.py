@@ -55,7 +55,8 @@ def main() -> None:
     for B in [int(b) for b in args.batch.split(",")]:
         ids = torch.randint(0, vocab, (B, args.tokens), generator=g).to(device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        sets = [{l: torch.randperm(args.width, generator=g)[:args.set_size].tolist() for l in layers} for _ in range(B)]
+        sets = [{layer: torch.randperm(args.width, generator=g)[:args.set_size].tolist() for layer in layers}
+                for _ in range(B)]
         row = {"batch": B}
         logits = {}
         for name, fast in (("none", None), ("dense", False), ("fast", True)):

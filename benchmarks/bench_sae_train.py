@@ -39,18 +39,18 @@ def main() -> None:
     lo, hi = (int(x) for x in args.layers.split("-"))
     layers = list(range(lo, hi + 1))
     keep_per_batch = max(1, args.keep_tokens * args.batch // args.prompts)
-    store = {l: [] for l in layers}
+    store = {layer: [] for layer in layers}
 
-    def rec(l):
+    def rec(layer):
         def edit(h):
             flat = h.reshape(-1, h.shape[-1])
-            store[l].append(flat[:keep_per_batch].to(torch.float16))
+            store[layer].append(flat[:keep_per_batch].to(torch.float16))
         return edit
 
     g = torch.Generator().manual_seed(0)
     sync(device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), hooked(model, [Hook("resid_post", l, rec(l)) for l in layers]):
+    with torch.inference_mode(), hooked(model, [Hook("resid_post", layer, rec(layer)) for layer in layers]):
         for _ in range(0, args.prompts, args.batch):
             ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=g).to(device)
             model(input_ids=ids, logits_to_keep=1, use_cache=False)
@@ -59,12 +59,12 @@ def main() -> None:
     cfg = TrainConfig(width=args.width, k=args.k, epochs=args.epochs)
     per_layer = []
     t1 = time.perf_counter()
-    for l in layers:
-        x = torch.cat(store.pop(l)).float()
+    for layer in layers:
+        x = torch.cat(store.pop(layer)).float()
         t = time.perf_counter()
-        _, log = train_topk(x, l, cfg, device=device)
+        _, log = train_topk(x, layer, cfg, device=device)
         sync(device)
-        per_layer.append({"layer": l, "seconds": round(time.perf_counter() - t, 2), "tokens": int(x.shape[0]),
+        per_layer.append({"layer": layer, "seconds": round(time.perf_counter() - t, 2), "tokens": int(x.shape[0]),
                           "final_train_fvu": round(log["trace"][-1]["fvu"], 3)})
     t_train = time.perf_counter() - t1
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

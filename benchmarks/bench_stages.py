@@ -23,7 +23,7 @@ TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def main() -> None:
-    from refusalscope.saes.features import refusal_probs_for_batch
+    from refusalscope.stages.scoring import refusal_probs_for_batch
     from refusalscope.stages.stage1 import candidate_set, ranked_latents
     from refusalscope.stages.stage2 import prune_batched, prune_sequential
 
@@ -62,7 +62,7 @@ def main() -> None:
 
         store = RunStore(args.run, create=False)
         lm = load_model(store.read_json("run.json")["model"], device=args.device)
-        saes = {l: s.to(lm.device) for l, s in load_run_saes(store, lm).items() if l >= 3}
+        saes = {layer: s.to(lm.device) for layer, s in load_run_saes(store, lm).items() if layer >= 3}
         direction, _ = load_direction(store)
         prompts, _ = drop_overlap(seen_prompts(store), load_prompts("advbench", data_dir=args.data_dir))
         judge = make_judge("substring")

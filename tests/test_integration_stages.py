@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from refusalscope.data import drop_overlap, load_prompts
-from refusalscope.saes.features import refusal_probs
+from refusalscope.stages.scoring import refusal_probs
 from refusalscope.saes.training.topk import TrainConfig
-from refusalscope.saes.training.cached import evaluate_sae_set, train_sae_set
+from refusalscope.saes.evals import evaluate_sae_set
+from refusalscope.saes.training.cached import train_sae_set
 from refusalscope.stages.stage1 import candidate_set, ranked_latents
 from refusalscope.stages.stage2 import prune_batched, prune_sequential
 

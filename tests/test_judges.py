@@ -14,7 +14,6 @@ from refusalscope.judges import (
     ClassifierJudge,
     Combined,
     DegeneracyJudge,
-    Judge,
     SubstringJudge,
     Verdict,
     attack_success_rate,
@@ -23,6 +22,8 @@ from refusalscope.judges import (
     refusal_probability,
     summarize,
 )
+
+from helpers import FakeJudge
 
 ENGLISH = ("Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make "
            "glucose and oxygen. It happens mainly in the leaves, inside the chloroplasts.")
@@ -103,21 +104,10 @@ def test_degeneracy_rejects_mismatched_lengths():
 # --- Combined, ASR, summarize --------------------------------------------------------------------------------
 
 
-class _Fixed(Judge):
-    """A refusal judge with canned verdicts, to see exactly what Combined takes from it."""
-
-    name = "fixed"
-
-    def __init__(self, verdicts):
-        self.verdicts = verdicts
-
-    def judge(self, prompts, completions):
-        return list(self.verdicts)
-
-
 def test_combined_merges_fields_from_each_judge():
-    refusal = _Fixed([Verdict(refused=True, degenerate=True, score=2.5, reason="r0"),
-                      Verdict(refused=False, score=-1.0, reason="")])
+    # a refusal judge with canned verdicts, to see exactly what Combined takes from it
+    refusal = FakeJudge.in_order([Verdict(refused=True, degenerate=True, score=2.5, reason="r0"),
+                                  Verdict(refused=False, score=-1.0, reason="")], name="fixed")
     c = Combined(refusal)
     v0, v1 = c.judge(["p", "p"], [ENGLISH, ""])
     # refused and score from the refusal judge; degenerate from the degeneracy judge (not the refusal judge's)

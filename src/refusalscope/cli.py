@@ -12,9 +12,18 @@ import logging
 import sys
 import typing
 
+from pydantic import BaseModel
+
 from refusalscope import __version__
-from refusalscope.config import (AsrSettings, CommandSettings, DirectionSettings, RunSettings, SaeEvalSettings,
-                                 SaeTrainSettings, resolve)
+from refusalscope.config import (
+    AsrSettings,
+    DirectionSettings,
+    InteractionSettings,
+    RunSettings,
+    SaeEvalSettings,
+    SaeTrainSettings,
+    resolve,
+)
 from refusalscope.errors import RefusalScopeError
 
 
@@ -22,15 +31,22 @@ def _comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[CommandSettings]) -> None:
-    """One flag per settings field; unset flags stay absent so env/TOML/defaults can fill them."""
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix: str = "") -> None:
+    """One flag per settings field; unset flags stay absent so env/TOML/defaults can fill them.
+
+    A field that is itself a model (``run``'s ``direction`` and ``sae_train``) gets dotted flags:
+    ``--direction.n-train 64``.
+    """
     for name, field in cls.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        flag = extra.get("flag", "--" + name.replace("_", "-"))
         ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            add_settings_arguments(parser, ann, prefix=f"{prefix}{name}.")
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = extra.get("flag", "--" + (prefix + name).replace("_", "-"))
         origin, args = typing.get_origin(ann), typing.get_args(ann)
         default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": (field.description or "") + default}
+        kw: dict = {"dest": prefix + name, "default": argparse.SUPPRESS, "help": (field.description or "") + default}
         if ann is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is list:
@@ -43,7 +59,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[CommandSet
 
 
 def _settings(args, cls, command):
-    flags = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+    flags: dict = {}
+    for key, value in vars(args).items():
+        head, _, rest = key.partition(".")
+        if head not in cls.model_fields:
+            continue
+        if rest:  # a dotted flag of a nested options model
+            flags.setdefault(head, {})[rest] = value
+        else:
+            flags[key] = value
     return resolve(cls, flags, args.config, command)
 
 
@@ -58,23 +82,50 @@ def cmd_direction(args) -> int:
     from refusalscope.lm.loading import load_model
     from refusalscope.store import RunStore
 
-    s: DirectionSettings = _settings(args, DirectionSettings, "direction")
-    store = RunStore(s.out)
-    store.write_json("config.direction.json", s.model_dump(mode="json"))
-    lm = load_model(s.model, device=s.device, dtype=s.dtype, chat_template=s.chat_template)
-    store.write_json("run.json", {"model": s.model, "source": lm.source, "device": s.device, "dtype": s.dtype,
-                                  "chat_template": s.chat_template, "data_dir": s.data_dir,
-                                  "refusal_tokens": list(lm.refusal_tokens), "refusalscope": __version__})
-    summary = run_direction(lm, s, store)
+    settings: DirectionSettings = _settings(args, DirectionSettings, "direction")
+    store = RunStore(settings.out)
+    store.write_json("config.direction.json", settings.model_dump(mode="json"))
+    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_template=settings.chat_template)
+    store.write_json(
+        "run.json",
+        {
+            "model": settings.model,
+            "source": lm.source,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "chat_template": settings.chat_template,
+            "data_dir": settings.data_dir,
+            "refusal_tokens": list(lm.refusal_tokens),
+            "refusalscope": __version__,
+        },
+    )
+    summary = run_direction(lm, settings, store)
     table = store.read_table("direction_candidates.parquet")
-    _print_table(table, ["layer", "position", "norm", "ablation_score", "kl", "steer_score", "passes", "asr",
-                         "degenerate_rate", "selected"])
+    _print_table(
+        table,
+        [
+            "layer",
+            "position",
+            "norm",
+            "ablation_score",
+            "kl",
+            "steer_score",
+            "passes",
+            "asr",
+            "degenerate_rate",
+            "selected",
+        ],
+    )
     if summary["note"]:
         print(f"note: {summary['note']}")
-    print(f"l* = {summary['layer']} (position {summary['position']}), held-out ASR under ablation "
-          f"{summary['selected_asr']:.2f}, |r| = {summary['norm']:.2f}")
-    print(f"saved to {store.root}: direction.safetensors, direction.json, direction_candidates.parquet, "
-          "cosine_diagnostics.parquet/.png")
+    print(
+        f"l* = {summary['layer']} (position {summary['position']}), held-out ASR under ablation "
+        f"{summary['selected_asr']:.2f}, |r| = {summary['norm']:.2f}"
+    )
+    print(
+        f"saved to {store.root}: direction.safetensors, direction.json, direction_candidates.parquet, "
+        "cosine_diagnostics.parquet/.png"
+    )
     return 0
 
 
@@ -83,42 +134,60 @@ def cmd_asr(args) -> int:
     from refusalscope.lm.loading import load_model
     from refusalscope.store import RunStore
 
-    s: AsrSettings = _settings(args, AsrSettings, "asr")
-    store = RunStore(s.run, create=False)
+    settings: AsrSettings = _settings(args, AsrSettings, "asr")
+    store = RunStore(settings.run, create=False)
     run = store.read_json("run.json")
-    device = s.device if "device" in s.model_fields_set else run.get("device", "auto")
-    dtype = s.dtype if "dtype" in s.model_fields_set else run.get("dtype", "auto")
-    lm = load_model(run["model"], device=device, dtype=dtype, chat_template=s.chat_template or run.get("chat_template"),
-                    refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None)
-    summary = run_asr(lm, s, store, data_dir=run.get("data_dir"))
-    if s.json_output:
+    device = settings.device if "device" in settings.model_fields_set else run.get("device", "auto")
+    dtype = settings.dtype if "dtype" in settings.model_fields_set else run.get("dtype", "auto")
+    lm = load_model(
+        run["model"],
+        device=device,
+        dtype=dtype,
+        chat_template=settings.chat_template or run.get("chat_template"),
+        refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None,
+    )
+    summary = run_asr(lm, settings, store, data_dir=run.get("data_dir"))
+    if settings.json_output:
         print(json.dumps({k: summary[k] for k in ("n", "asr", "refusal_rate", "degenerate_rate")}))
     else:
-        print(f"{summary['n']} prompts ({summary['intervention']}, judge {summary['judge']}): "
-              f"ASR {summary['asr']:.3f}, refusal rate {summary['refusal_rate']:.3f}, "
-              f"degenerate {summary['degenerate_rate']:.3f}"
-              + (f"; {summary['dropped_overlap']} prompts seen in training were dropped"
-                 if summary["dropped_overlap"] else ""))
+        print(
+            f"{summary['n']} prompts ({summary['intervention']}, judge {summary['judge']}): "
+            f"ASR {summary['asr']:.3f}, refusal rate {summary['refusal_rate']:.3f}, "
+            f"degenerate {summary['degenerate_rate']:.3f}"
+            + (
+                f"; {summary['dropped_overlap']} prompts seen in training were dropped"
+                if summary["dropped_overlap"]
+                else ""
+            )
+        )
     return 0
 
 
-def _run_model(s, store):
+def _run_model(settings, store):
     """Load the model a run was made with (device/dtype flags override the run's)."""
     from refusalscope.lm.loading import load_model
 
     run = store.read_json("run.json")
-    device = s.device if "device" in s.model_fields_set else run.get("device", "auto")
-    dtype = s.dtype if "dtype" in s.model_fields_set else run.get("dtype", "auto")
-    lm = load_model(run["model"], device=device, dtype=dtype, chat_template=s.chat_template or run.get("chat_template"),
-                    refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None)
+    device = settings.device if "device" in settings.model_fields_set else run.get("device", "auto")
+    dtype = settings.dtype if "dtype" in settings.model_fields_set else run.get("dtype", "auto")
+    lm = load_model(
+        run["model"],
+        device=device,
+        dtype=dtype,
+        chat_template=settings.chat_template or run.get("chat_template"),
+        refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None,
+    )
     return lm, run
 
 
 def _print_sae_report(table, as_json: bool) -> None:
     cols = ["layer", "fvu", "l0", "dead_frac", "ce_increase"]
     if as_json:
-        print(json.dumps([{c: (int(r[c]) if c == "layer" else round(float(r[c]), 4)) for c in cols}
-                          for _, r in table.iterrows()]))
+        print(
+            json.dumps(
+                [{c: (int(r[c]) if c == "layer" else round(float(r[c]), 4)) for c in cols} for _, r in table.iterrows()]
+            )
+        )
     else:
         _print_table(table, cols + ["tokens"])
 
@@ -127,14 +196,14 @@ def cmd_sae_train(args) -> int:
     from refusalscope.saes.run_set import run_sae_train
     from refusalscope.store import RunStore
 
-    s: SaeTrainSettings = _settings(args, SaeTrainSettings, "sae-train")
-    store = RunStore(s.run, create=False)
-    lm, run = _run_model(s, store)
-    store.write_json("config.sae_train.json", s.model_dump(mode="json"))
-    table = run_sae_train(lm, s, store, s.data_dir or run.get("data_dir"))
-    if not s.json_output:
+    settings: SaeTrainSettings = _settings(args, SaeTrainSettings, "sae-train")
+    store = RunStore(settings.run, create=False)
+    lm, run = _run_model(settings, store)
+    store.write_json("config.sae_train.json", settings.model_dump(mode="json"))
+    table = run_sae_train(lm, settings, store, settings.data_dir or run.get("data_dir"))
+    if not settings.json_output:
         print(f"SAEs recorded in {store.path('saes.json')}; quality on held-out text:")
-    _print_sae_report(table, s.json_output)
+    _print_sae_report(table, settings.json_output)
     return 0
 
 
@@ -142,21 +211,23 @@ def cmd_sae_eval(args) -> int:
     from refusalscope.saes.run_set import run_sae_eval
     from refusalscope.store import RunStore
 
-    s: SaeEvalSettings = _settings(args, SaeEvalSettings, "sae-eval")
-    store = RunStore(s.run, create=False)
-    lm, run = _run_model(s, store)
-    table = run_sae_eval(lm, s, store, s.data_dir or run.get("data_dir"))
-    _print_sae_report(table, s.json_output)
+    settings: SaeEvalSettings = _settings(args, SaeEvalSettings, "sae-eval")
+    store = RunStore(settings.run, create=False)
+    lm, run = _run_model(settings, store)
+    table = run_sae_eval(lm, settings, store, settings.data_dir or run.get("data_dir"))
+    _print_sae_report(table, settings.json_output)
     return 0
 
 
 def cmd_run(args) -> int:
     from refusalscope.pipeline.run import run_pipeline
 
-    s: RunSettings = _settings(args, RunSettings, "run")
-    summary = run_pipeline(s)
-    print(f"{summary['n_prompts']} prompts, {summary['n_refused_baseline']} refused at baseline, "
-          f"{summary['n_processed']} processed")
+    settings: RunSettings = _settings(args, RunSettings, "run")
+    summary = run_pipeline(settings)
+    print(
+        f"{summary['n_prompts']} prompts, {summary['n_refused_baseline']} refused at baseline, "
+        f"{summary['n_processed']} processed"
+    )
     st1 = summary["stage1"]
     print(f"stage 1: {st1['jailbroken']}/{summary['n_processed']} jailbroken (mean K {st1['mean_k']})")
     if "stage2" in summary:
@@ -164,10 +235,48 @@ def cmd_run(args) -> int:
         for tau, row in st2["per_tau"].items():
             print(f"stage 2: tau {tau}: {row['jailbroken']}/{row['n']} jailbroken, mean set size {row['mean_size']}")
         rc = summary["random_control"]
-        print(f"stage 2 best tau {st2['best_tau']}: {st2['jailbroken']} jailbroken; random controls "
-              f"{rc['jailbroken']}/{rc['n']}")
-    print(f"results in {s.out}: summary.json, stage1.parquet, stage2.parquet, stage2_chains.parquet, "
-          "controls.parquet, stages.png, prompts/")
+        print(
+            f"stage 2 best tau {st2['best_tau']}: {st2['jailbroken']} jailbroken; random controls "
+            f"{rc['jailbroken']}/{rc['n']}"
+        )
+    if "stage3" in summary:
+        _print_stage3(summary["stage3"])
+    print(
+        f"results in {settings.out}: summary.json, stage1.parquet, stage2.parquet, stage2_chains.parquet, "
+        "controls.parquet, stages.png, prompts/"
+        + (", stage3.parquet, stage3.png, stage3/" if "3" in settings.stages else "")
+    )
+    return 0
+
+
+def _print_stage3(st3: dict) -> None:
+    n = st3["n_prompts"]
+    print(
+        f"stage 3: FM test accuracy {st3['fm_test_accuracy']:.3f} (AUROC {st3['fm_test_auroc']:.3f}), probe "
+        f"{st3['probe_test_accuracy']:.3f}; columns {st3['mode']}"
+    )
+    print(
+        f"stage 3: FM ranking jailbroken {st3['fm']['jailbroken']}/{n} (median K {st3['fm']['best_k']}), "
+        f"probe {st3['probe']['jailbroken']}/{n}, Stage-3 features alone {st3['stage3_only']['jailbroken']}/"
+        f"{st3['stage3_only']['n']}"
+    )
+    for k, row in st3["probe_equal_k"].items():
+        print(f"stage 3: K = {k}: FM {row['fm']}/{row['n']}, probe {row['probe']}/{row['n']}")
+    c = st3["causal"]
+    if c["n"]:
+        print(
+            f"stage 3 → stage 2: {c['deactivated_frac']:.2f} of active Stage-2 features switch off, the rest "
+            f"drop by {c['mean_drop'] if c['mean_drop'] is not None else float('nan'):.2f} on average"
+        )
+
+
+def cmd_interactions(args) -> int:
+    from refusalscope.pipeline.run import run_interactions
+
+    settings: InteractionSettings = _settings(args, InteractionSettings, "interactions")
+    summary = run_interactions(settings)
+    _print_stage3(summary["stage3"])
+    print(f"results in {settings.run}: summary.json (stage3), stage3.parquet, stage3.png, stage3/")
     return 0
 
 
@@ -175,8 +284,10 @@ def cmd_models(args) -> int:
     from refusalscope.lm.registry import MODELS
 
     for e in MODELS.values():
-        print(f"{e.alias:32s} {e.hub_id:40s} refusal tokens {list(e.refusal_tokens)}"
-              + ("  [embedded default]" if e.embedded else ""))
+        print(
+            f"{e.alias:32s} {e.hub_id:40s} refusal tokens {list(e.refusal_tokens)}"
+            + ("  [embedded default]" if e.embedded else "")
+        )
     return 0
 
 
@@ -196,19 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="more log output")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls, func in (("direction", DirectionSettings, cmd_direction), ("asr", AsrSettings, cmd_asr),
-                            ("run", RunSettings, cmd_run)):
+    for name, cls, func in (
+        ("direction", DirectionSettings, cmd_direction),
+        ("asr", AsrSettings, cmd_asr),
+        ("run", RunSettings, cmd_run),
+        ("interactions", InteractionSettings, cmd_interactions),
+    ):
         p = sub.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         add_settings_arguments(p, cls)
         p.set_defaults(func=func)
-    sae = sub.add_parser("sae", help="train, reuse and evaluate the run's SAEs").add_subparsers(dest="sae_command",
-                                                                                                 required=True)
+    sae = sub.add_parser("sae", help="train, reuse and evaluate the run's SAEs").add_subparsers(
+        dest="sae_command", required=True
+    )
     for name, cls, func in (("train", SaeTrainSettings, cmd_sae_train), ("eval", SaeEvalSettings, cmd_sae_eval)):
         p = sae.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         add_settings_arguments(p, cls)
         p.set_defaults(func=func)
-    for name, func, text in (("models", cmd_models, "list the model registry"),
-                             ("datasets", cmd_datasets, "list the named prompt sets")):
+    for name, func, text in (
+        ("models", cmd_models, "list the model registry"),
+        ("datasets", cmd_datasets, "list the named prompt sets"),
+    ):
         p = sub.add_parser(name, parents=[common], help=text)
         p.set_defaults(func=func)
     return parser
@@ -216,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="refusalscope: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="refusalscope: %(message)s")
     for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
@@ -231,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: short message unless --debug
         if args.debug:
             raise
-        print(f"refusalscope: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"refusalscope: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -7,11 +7,12 @@ winning.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
 
 from refusalscope.errors import RefusalScopeError
@@ -24,7 +25,8 @@ else:  # pragma: no cover
 
 
 class CommandSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REFUSALSCOPE_", extra="forbid", env_parse_none_str="none")
+    model_config = SettingsConfigDict(env_prefix="REFUSALSCOPE_", extra="forbid", env_parse_none_str="none",
+                                      env_nested_delimiter="__")
     _toml: ClassVar[dict] = {}  # the TOML layer of the settings being resolved
 
     @classmethod
@@ -40,12 +42,11 @@ class ModelOptions(CommandSettings):
     chat_template: str | None = Field(None, description="Jinja chat template (file or string) for models without one")
 
 
-class DirectionSettings(ModelOptions):
-    """Refusal direction: difference of means, layer selection by held-out ASR (Arditi et al.; paper appendix)."""
+class DirectionOptions(BaseModel):
+    """Options of the refusal-direction step (Arditi et al.; paper appendix), shared by ``direction`` and ``run``."""
 
-    model: str = Field(DEFAULT_MODEL, description="registry alias, hub id, local directory or .gguf file")
-    out: Path = Field(..., description="run directory to write into")
-    data_dir: str | None = Field(None, description="directory of the standard prompt sets (or REFUSALSCOPE_DATA)")
+    model_config = ConfigDict(extra="forbid")
+
     harmful_train: str = Field("harmful_train", description="harmful prompts for the mean difference")
     harmless_train: str = Field("harmless_train", description="harmless prompts for the mean difference")
     harmful_val: str = Field("harmful_val", description="held-out harmful prompts for layer selection")
@@ -64,6 +65,14 @@ class DirectionSettings(ModelOptions):
     max_new_tokens: int = Field(48, ge=1, description="tokens generated for the ASR of each candidate")
     allow_overlap: bool = Field(False, description="allow train and validation prompts to overlap")
     seed: int = Field(0, description="random seed")
+
+
+class DirectionSettings(ModelOptions, DirectionOptions):
+    """Refusal direction: difference of means, layer selection by held-out ASR (Arditi et al.; paper appendix)."""
+
+    model: str = Field(DEFAULT_MODEL, description="registry alias, hub id, local directory or .gguf file")
+    out: Path = Field(..., description="run directory to write into")
+    data_dir: str | None = Field(None, description="directory of the standard prompt sets (or REFUSALSCOPE_DATA)")
 
 
 class AsrSettings(ModelOptions):
@@ -90,8 +99,10 @@ class _RunOptions(ModelOptions):
     data_dir: str | None = Field(None, description="data directory for dataset names (default: the run's)")
 
 
-class SaeTrainSettings(_RunOptions):
-    """Train TopK SAEs (SAELens format) on the run model's residual stream, or reuse cached ones."""
+class SaeTrainOptions(BaseModel):
+    """Options of SAE training (TopK SAEs in SAELens format), shared by ``sae train`` and ``run``."""
+
+    model_config = ConfigDict(extra="forbid")
 
     layers: str | None = Field(None, description="layers, e.g. '2-19' (default: 2..l* of the run's direction)")
     stride: int = Field(1, ge=1, description="train every stride-th of those layers (l* is always included)")
@@ -110,6 +121,11 @@ class SaeTrainSettings(_RunOptions):
                                  description="held-out prompt sets for the quality report")
     n_eval: int = Field(32, ge=1, description="held-out prompts for the quality report")
     seed: int = Field(0, description="random seed")
+
+
+class SaeTrainSettings(_RunOptions, SaeTrainOptions):
+    """Train TopK SAEs (SAELens format) on the run model's residual stream, or reuse cached ones."""
+
     json_output: bool = Field(False, description="print one final JSON line with the per-layer report",
                               json_schema_extra={"flag": "--json"})
 
@@ -124,8 +140,38 @@ class SaeEvalSettings(_RunOptions):
                               '"ce_increase"}, ...]', json_schema_extra={"flag": "--json"})
 
 
+class Stage3Options(BaseModel):
+    """Stage 3 (paper, "Stage 3: Discovering feature interactions"): a factorization machine on SAE activations,
+    features ranked by FM-embedding cosine to each prompt's Stage-2 set and ablated top-K; a linear probe as the
+    baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    harmful: str = Field("advbench", description="label-1 prompts of the FM dataset (paper: all 520 AdvBench)")
+    harmless: str = Field("alpaca", description="label-0 prompt pool; as many as harmful are sampled with the seed")
+    first_layer: int = Field(2, ge=0, description="lowest SAE layer in the FM's inputs (paper: layers 2..l*)")
+    n_positions: int = Field(4, ge=1, description="last prompt positions encoded (paper: the last 4 tokens)")
+    positions: Literal["auto", "max", "positions"] = Field(
+        "auto", description="how positions become columns: max over them, one column per position, or auto "
+        "(train both, keep the better validation accuracy; the paper does not say)")
+    fm_k: int = Field(20, ge=1, description="FM embedding size (paper: 20; 5 and 50 in its ablation)")
+    fm_lr: float = Field(1e-3, gt=0, description="FM Adam learning rate")
+    fm_epochs: int = Field(20, ge=1, description="FM epochs (the best by validation accuracy is kept)")
+    fm_batch_size: int = Field(64, ge=1, description="FM minibatch size")
+    score: Literal["max", "mean"] = Field(
+        "max", description="a candidate's score: max or mean cosine to the prompt's active Stage-2 features")
+    k_values: list[int] = Field(default_factory=lambda: list(range(100, 2001, 100)),
+                                description="K swept for the FM ranking (smallest jailbreaking K is kept)")
+    probe_k: list[int] = Field(default_factory=lambda: [100, 500, 1000, 2000],
+                               description="K for the probe ranking; the FM is judged at the same K")
+    k_chunk: int = Field(5, ge=1, description="K values of the sweep generated per batch (the sweep stops at "
+                         "the first jailbreaking chunk)")
+    seed: int = Field(0, description="seed of the harmless sample, the 80/10/10 split and the FM")
+    fm_device: str = Field("auto", description="device of the FM training (auto: the model's)")
+
+
 class RunSettings(ModelOptions):
-    """The pipeline: direction, SAEs, Stage 1 (top-K by decoder cosine) and Stage 2 (Algorithm 1) over a prompt set.
+    """The pipeline on a prompt set: direction, SAEs, Stages 1 (decoder cosine), 2 (Algorithm 1) and 3 (FM).
 
     Every step the run directory lacks is done first; finished prompts are never recomputed (resumable).
     """
@@ -137,7 +183,8 @@ class RunSettings(ModelOptions):
     data_dir: str | None = Field(None, description="directory of the standard prompt sets (or REFUSALSCOPE_DATA)")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts (after dropping training ones)")
     max_refused: int | None = Field(None, ge=1, description="run the stages on at most N baseline-refused prompts")
-    stages: list[Literal["1", "2"]] = Field(default_factory=lambda: ["1", "2"], description="stages to run: 1,2")
+    stages: list[Literal["1", "2", "3"]] = Field(default_factory=lambda: ["1", "2"],
+                                                 description="stages to run: 1,2 or 1,2,3")
     saes: str | None = Field(None, description="SAE set: registry name, saelens:RELEASE:ID, or a directory "
                              "(default: the model's registry set, else train them)")
     layers: str | None = Field(None, description="SAE layers the stages use (default: every SAE layer ≥ min-layer)")
@@ -160,6 +207,15 @@ class RunSettings(ModelOptions):
     overlap: Literal["drop", "error", "allow"] = Field(
         "drop", description="prompts used to train the direction or SAEs: drop them, refuse, or allow")
     seed: int = Field(0, description="random seed (random controls)")
+    direction: DirectionOptions = Field(default_factory=DirectionOptions,
+                                        description="options of the direction step ([run.direction] in TOML)")
+    sae_train: SaeTrainOptions = Field(default_factory=SaeTrainOptions,
+                                       description="options of SAE training ([run.sae-train] in TOML)")
+    stage3: Stage3Options = Field(default_factory=Stage3Options, description="Stage 3 options ([run.stage3])")
+
+
+class InteractionSettings(_RunOptions, Stage3Options):
+    """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
 
 
 def read_text_or_value(value: str | None) -> str | None:
@@ -173,6 +229,16 @@ def read_text_or_value(value: str | None) -> str | None:
         return value
 
 
+def _normalise_keys(table: dict) -> dict:
+    """TOML keys may use dashes (``n-train``); nested tables too."""
+    return {k.replace("-", "_"): (_normalise_keys(v) if isinstance(v, dict) else v) for k, v in table.items()}
+
+
+# Sub-step tables of `run`: a top-level [direction] / [sae-train] table configures the same options of `run`,
+# so one file drives both the step's own command and the pipeline; [run.direction] wins over it.
+RUN_SUBSTEPS = {"direction": "direction", "sae_train": "sae_train", "stage3": "interactions"}
+
+
 def read_toml(path: str | Path | None, command: str) -> dict:
     if path is None:
         return {}
@@ -180,12 +246,19 @@ def read_toml(path: str | Path | None, command: str) -> dict:
     if not p.is_file():
         raise RefusalScopeError(f"config file not found: {p}")
     try:
-        data = tomllib.loads(p.read_text())
+        data = _normalise_keys(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
         raise RefusalScopeError(f"config file {p} is not valid TOML: {e}") from None
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    merged.update(data.get(command, {}))
-    return {k.replace("-", "_"): v for k, v in merged.items()}
+    table = data.get(command.replace("-", "_"), {})
+    if command == "run":
+        for field, name in RUN_SUBSTEPS.items():
+            shared = {k: v for k, v in data.get(name, {}).items() if k in _SUBSTEP_FIELDS[field]}
+            if shared or field in table:
+                merged[field] = {**shared, **table.get(field, {})}
+        table = {k: v for k, v in table.items() if k not in RUN_SUBSTEPS}
+    merged.update(table)
+    return merged
 
 
 def resolve(cls: type[CommandSettings], flags: dict, toml_path: str | Path | None = None, command: str = ""):
@@ -233,3 +306,71 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     if bad:
         raise RefusalScopeError(f"layer(s) {bad} out of range: the model has layers 0..{n_layers - 1}")
     return sorted(out)
+
+
+_SUBSTEP_FIELDS = {"direction": set(DirectionOptions.model_fields), "sae_train": set(SaeTrainOptions.model_fields),
+                   "stage3": set(Stage3Options.model_fields)}
+
+
+# ---- the commented example file (refusalscope.example.toml is generated from these classes; a test keeps it so) ----
+
+def _toml_value(value) -> str:
+    if value is None:
+        return '""  # unset'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _example_table(cls: type[BaseModel], skip: set[str]) -> list[str]:
+    lines = []
+    for name, field in cls.model_fields.items():
+        if name in skip or (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            continue
+        key = name.replace("_", "-")
+        if field.is_required():
+            lines.append(f"# {key} = ...  # required: {field.description}")
+            continue
+        value = field.get_default(call_default_factory=True)
+        if isinstance(value, Path):
+            value = str(value)
+        text = _toml_value(value)
+        prefix = "# " if value is None else ""
+        lines.append(f"# {field.description}")
+        lines.append(f"{prefix}{key} = {text.replace('  # unset', '')}" if value is not None
+                     else f"# {key} =  (unset by default)")
+    return lines
+
+
+def example_toml() -> str:
+    """Every option of every command with its default, commented: the text of refusalscope.example.toml."""
+    out = ["# refusalscope options: pass with --config FILE. Flags beat REFUSALSCOPE_* environment variables, which",
+           "# beat this file. Keys at the top level apply to every command that has them; a table applies to one",
+           "# command ([run], [direction], ...). [run.direction], [run.sae-train] and [run.stage3] set the options",
+           "# of those steps inside `refusalscope run`; a top-level [direction] or [sae-train] table sets them too.",
+           "# Generated from refusalscope.config (python -c 'import refusalscope.config as c; "
+           "print(c.example_toml())').", ""]
+    common = set(ModelOptions.model_fields)
+    out.append("# ---- options every model-loading command shares ----")
+    out += _example_table(ModelOptions, set())
+    for command, cls, nested in (("run", RunSettings, (("direction", DirectionOptions), ("sae-train", SaeTrainOptions),
+                                                       ("stage3", Stage3Options))),
+                                 ("direction", DirectionSettings, ()), ("sae-train", SaeTrainSettings, ()),
+                                 ("sae-eval", SaeEvalSettings, ()), ("asr", AsrSettings, ()),
+                                 ("interactions", InteractionSettings, ())):
+        out += ["", f"[{command}]", f"# {(cls.__doc__ or '').strip().splitlines()[0]}"]
+        skip = common | ({"direction", "sae_train", "stage3"} if nested else set())
+        if command in ("direction", "sae-train", "interactions"):
+            skip |= {n for n in cls.model_fields if n not in common and n not in (
+                "model", "out", "run", "data_dir", "json_output")}  # shown once, under [run.<step>]
+            out.append("# (its step options are listed under [run.%s] below; the same keys work here)"
+                       % {"direction": "direction", "sae-train": "sae-train", "interactions": "stage3"}[command])
+        out += _example_table(cls, skip)
+        for name, sub in nested:
+            out += ["", f"[{command}.{name}]", f"# {(sub.__doc__ or '').strip().splitlines()[0]}"]
+            out += _example_table(sub, set())
+    return "\n".join(out) + "\n"

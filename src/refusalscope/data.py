@@ -95,7 +95,7 @@ def _frame_from_items(items: list) -> pd.DataFrame:
     return pd.DataFrame(items)
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_prompt_file(path: Path) -> pd.DataFrame:
     """Read .csv, .json (list of objects or strings), .jsonl or .txt (one prompt a line) into a DataFrame."""
     if not path.is_file():
         raise RefusalScopeError(f"dataset file not found: {path}")
@@ -130,8 +130,8 @@ def _pick_column(frame: pd.DataFrame, column: str | None, where: str) -> str:
             return c
     if len(frame.columns) == 1:
         return frame.columns[0]
-    raise RefusalScopeError(f"cannot tell which column of {where} holds the prompts ({', '.join(map(str, frame.columns))});"
-                            " pass --column")
+    columns = ", ".join(map(str, frame.columns))
+    raise RefusalScopeError(f"cannot tell which column of {where} holds the prompts ({columns}); pass --column")
 
 
 def _from_hub(name: str, entry: DatasetEntry) -> pd.DataFrame:
@@ -170,13 +170,13 @@ def load_prompts(spec: str, *, data_dir: str | os.PathLike | None = None, column
     path = Path(spec).expanduser()
     entry = DATASETS.get(spec)
     if entry is None and (path.suffix or path.exists() or os.sep in spec):
-        frame, source, name = read_table(path), str(path), path.stem
+        frame, source, name = read_prompt_file(path), str(path), path.stem
     elif entry is not None:
         root = resolve_data_dir(data_dir)
         name = spec
         if root is not None:
             source = str(root / entry.file)
-            frame = read_table(root / entry.file)
+            frame = read_prompt_file(root / entry.file)
         else:
             source = f"hub:{entry.hub[0] if entry.hub else '?'}"
             frame = _from_hub(spec, entry)

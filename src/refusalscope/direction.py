@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from refusalscope.interventions.projection import cosine, unit
 from refusalscope.config import DirectionSettings, parse_layers
-from refusalscope.data import PromptSet, check_disjoint, load_prompts
+from refusalscope.data import check_disjoint, load_prompts
 from refusalscope.errors import RefusalScopeError
 from refusalscope.lm.inference import collect_residuals, generate, map_last_logits
 from refusalscope.interventions import ActivationAddition, DirectionAblation

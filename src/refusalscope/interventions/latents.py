@@ -51,7 +51,7 @@ def plan_sets(saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet]) ->
     """Per-layer plans for one set shared by all rows (a mapping) or one set per row (a sequence of mappings)."""
     per_row = not isinstance(sets, Mapping)
     rows: list[LatentSet] = list(sets) if per_row else [sets]  # type: ignore[list-item]
-    layers = sorted({int(l) for s in rows for l, ids in s.items() if len(ids)})
+    layers = sorted({int(layer_id) for s in rows for layer_id, ids in s.items() if len(ids)})
     plans: dict[int, LayerPlan] = {}
     for layer in layers:
         if layer not in saes:
@@ -80,7 +80,7 @@ def plan_membership(saes: Mapping[int, Sae], candidates: Sequence[tuple[int, int
     Same result as ``plan_sets`` with one set per row, without per-row Python work: Stage 2 scores thousands
     of nested sets of one candidate list this way.
     """
-    layers = torch.tensor([l for l, _ in candidates], dtype=torch.long)
+    layers = torch.tensor([layer_id for layer_id, _ in candidates], dtype=torch.long)
     latents = torch.tensor([i for _, i in candidates], dtype=torch.long)
     plans: dict[int, LayerPlan] = {}
     for layer in sorted(set(layers.tolist())):
@@ -187,7 +187,7 @@ class LatentAblation(Intervention):
                    positions if positions in (None, "first") else tuple(positions), fast)
 
     def select(self, rows):
-        return replace(self, plans={l: p.select(rows) for l, p in self.plans.items()}) if self.per_row else self
+        return replace(self, plans={layer: p.select(rows) for layer, p in self.plans.items()}) if self.per_row else self
 
     def hooks(self, n_layers: int) -> list[Hook]:
         def make(plan: LayerPlan):
@@ -224,7 +224,7 @@ class LatentClamp(Intervention):
         return cls(plans, float(value), per_row, positions if positions in (None, "first") else tuple(positions))
 
     def select(self, rows):
-        return replace(self, plans={l: p.select(rows) for l, p in self.plans.items()}) if self.per_row else self
+        return replace(self, plans={layer: p.select(rows) for layer, p in self.plans.items()}) if self.per_row else self
 
     def hooks(self, n_layers: int) -> list[Hook]:
         def make(plan: LayerPlan):

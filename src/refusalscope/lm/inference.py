@@ -73,7 +73,8 @@ def collect_residuals(lm: LoadedModel, instructions: Sequence[str], positions: S
                     store[layer] = h[:, pos, :].float().cpu()
                 return edit
 
-            hooks = [*hooks_for(interventions, lm.n_layers, rows), *(Hook("resid_pre", l, recorder(l)) for l in layers)]
+            hooks = [*hooks_for(interventions, lm.n_layers, rows),
+                     *(Hook("resid_pre", layer, recorder(layer)) for layer in layers)]
             with torch.inference_mode(), hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
                 lm.model(**batch, logits_to_keep=1, use_cache=False)
             idx = torch.tensor(rows)

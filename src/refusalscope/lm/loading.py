@@ -134,7 +134,8 @@ def _load_hf(path: str, device: torch.device, dtype: torch.dtype, gguf_file: str
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise RefusalScopeError(f"could not load a causal LM from {path}{' / ' + gguf_file if gguf_file else ''}: {e}") \
+        where = f"{path}{' / ' + gguf_file if gguf_file else ''}"
+        raise RefusalScopeError(f"could not load a causal LM from {where}: {e}") \
             from None
     model.to(device)
     model.eval()

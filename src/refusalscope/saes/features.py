@@ -1,24 +1,60 @@
-"""Feature sets over several SAEs: a feature is (layer, latent); sets convert to per-layer latent maps.
-
-Also the one batched scoring primitive every stage uses: P(refusal token | prompt, model with set A ablated)
-for many sets A of one prompt, one forward per chunk of sets (paper, Eq. 1's P(p, A)).
-"""
+"""Features over several SAEs: the ``Feature`` type (layer, latent), per-layer latent maps, decoder cosines with
+the refusal direction (paper, Stage 1) and which features fire on a prompt."""
 
 from __future__ import annotations
 
-import copy
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
-from refusalscope.lm.hooks import batch_context, hooked, replayed_layers
+from refusalscope.lm.hooks import batch_context, hooked
 from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import LatentAblation
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat, tokenize
 from refusalscope.saes.sae import Sae
 
-Feature = tuple[int, int]  # (layer, latent)
+class Feature(NamedTuple):
+    """One SAE latent: (layer, latent). Its one string form is "L17/1204"; ``Feature.parse`` reads it back.
+
+    A NamedTuple, so features sort by (layer, latent), hash, and serialise to JSON as [layer, latent].
+    """
+
+    layer: int
+    latent: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}/{self.latent}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Feature":
+        """'L17/1204' -> Feature(17, 1204)."""
+        m = _FEATURE_RE.fullmatch(str(text).strip())
+        if not m:
+            raise ValueError(f"not a feature: {text!r} (expected e.g. 'L17/1204')")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    @classmethod
+    def of(cls, value) -> "Feature":
+        """A Feature from a Feature, a (layer, latent) pair (e.g. a JSON list) or its string form."""
+        if isinstance(value, str):
+            return cls.parse(value)
+        layer, latent = value
+        return cls(int(layer), int(latent))
+
+
+_FEATURE_RE = re.compile(r"L(\d+)/(\d+)")
+
+
+def features_of(values: Iterable) -> list[Feature]:
+    """Features from any mix of Feature, [layer, latent] pairs and 'L17/1204' strings, in order."""
+    return [Feature.of(v) for v in values]
+
+
+def feature_strings(features: Iterable) -> list[str]:
+    return [str(Feature.of(f)) for f in features]
 
 
 def as_latent_set(features: Iterable[Feature]) -> dict[int, list[int]]:
@@ -43,98 +79,10 @@ def membership(candidates: Sequence[Feature], sets: Sequence[Iterable[Feature]])
     col = {f: j for j, f in enumerate(candidates)}
     out = torch.zeros(len(sets), len(candidates), dtype=torch.bool)
     for r, s in enumerate(sets):
-        idx = [col[(int(l), int(i))] for l, i in s]
+        idx = [col[(int(layer), int(i))] for layer, i in s]
         if idx:
             out[r, idx] = True
     return out
-
-
-@torch.inference_mode()
-def clean_prefix_length(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
-                        saes: Mapping[int, Sae], candidates: Sequence[Feature]) -> int:
-    """Leading positions where no candidate latent fires in the clean run (capped at T − 1).
-
-    Ablating any subset of the candidates leaves these positions exactly as in the clean run: the edit there is
-    −z_S W_dec = 0 at every layer (by induction over layers, since attention is causal). So their keys and
-    values can be computed once and shared by every ablated set.
-    """
-    from refusalscope.interventions.latents import LatentRecorder
-
-    rec = LatentRecorder(saes, as_latent_set(candidates))
-    with hooked(model, rec.hooks(n_layers)), batch_context(batch["attention_mask"]):
-        model(**batch, logits_to_keep=1, use_cache=False)
-    T = batch["input_ids"].shape[1]
-    active = torch.zeros(T, dtype=torch.bool)
-    for recs in rec.records.values():
-        active |= (recs[0][0] > 0).any(-1)
-    first = int(active.nonzero()[0]) if active.any() else T
-    return min(first, T - 1)
-
-
-@torch.inference_mode()
-def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
-                            token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
-                            member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
-                            share: str = "auto") -> torch.Tensor:
-    """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
-    ``member`` (R, len(candidates)): the row's marked candidates are ablated.
-
-    Work that every row shares can be done once (``share``; "auto" picks whichever saves more):
-    - "positions": the leading positions no candidate touches (``clean_prefix_length``) run once and their
-      key/value cache is shared by every row (fewer tokens per row);
-    - "layers": the layers below the lowest candidate layer run once and are replayed (``hooks.replayed_layers``);
-    - "none": every row runs the whole forward.
-    All give the same result, up to float rounding that depends on batch shapes.
-    """
-    if share not in ("auto", "positions", "layers", "none"):
-        raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
-    device = batch["input_ids"].device
-    ids = torch.as_tensor(list(token_ids), device=device)
-    out = torch.empty(member.shape[0], dtype=torch.float64)
-    if not len(candidates):
-        member = torch.zeros(member.shape[0], 0, dtype=torch.bool)
-    p0, cache, frozen = 0, None, 0
-    if share != "none" and len(candidates) and member.shape[0] > 1:
-        T = batch["input_ids"].shape[1]
-        low = min(int(layer) for layer, _ in candidates)
-        if share != "layers":
-            p0 = clean_prefix_length(model, n_layers, batch, saes, candidates)
-        if p0 > 0 and (share == "positions" or p0 / T >= low / n_layers):
-            cache = model(input_ids=batch["input_ids"][:, :p0], attention_mask=batch["attention_mask"][:, :p0],
-                          use_cache=True, logits_to_keep=1).past_key_values
-        elif share != "positions":
-            p0, frozen = 0, low
-    with replayed_layers(model, dict(batch), frozen):
-        for start in range(0, member.shape[0], batch_size):
-            chunk = member[start:start + batch_size].to(device)
-            rows = {k: v.expand(chunk.shape[0], -1) for k, v in batch.items()}
-            ivs = [LatentAblation.from_membership(saes, candidates, chunk, fast=fast)] if len(candidates) else []
-            with hooked(model, hooks_for(ivs, n_layers)), batch_context(rows["attention_mask"]):
-                if cache is None:
-                    logits = model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-                else:
-                    past = copy.deepcopy(cache)
-                    past.batch_repeat_interleave(chunk.shape[0])
-                    logits = model(input_ids=rows["input_ids"][:, p0:], attention_mask=rows["attention_mask"],
-                                   past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-            out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, ids].sum(-1).double().cpu()
-    return out
-
-
-def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: Sequence[Iterable[Feature]], *,
-                  batch_size: int = 32, fast: bool = True, candidates: Sequence[Feature] | None = None,
-                  member: torch.Tensor | None = None) -> torch.Tensor:
-    """P(refusal token) at the last prompt position with each set ablated, (len(sets),) float64.
-
-    Sets can be given as lists, or as ``candidates`` + a boolean ``member`` matrix (then ``sets`` is ignored).
-    The refusal probability sums the probabilities of the model's refusal tokens ("I" by default).
-    """
-    batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
-    if member is None:
-        candidates = sorted({(int(l), int(i)) for s in sets for l, i in s})
-        member = membership(candidates, sets)
-    return refusal_probs_for_batch(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, member,
-                                   batch_size=batch_size, fast=fast)
 
 
 @torch.inference_mode()
@@ -145,8 +93,8 @@ def active_features(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], featu
     from refusalscope.interventions.latents import LatentRecorder
 
     wanted = None if features is None else as_latent_set(features)
-    latents = {l: (None if wanted is None else wanted.get(l, [])) for l in saes}
-    latents = {l: ids for l, ids in latents.items() if ids is None or len(ids)}
+    latents = {layer_id: (None if wanted is None else wanted.get(layer_id, [])) for layer_id in saes}
+    latents = {layer_id: ids for layer_id, ids in latents.items() if ids is None or len(ids)}
     rec = LatentRecorder(saes, latents)
     batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
     ivs = [rec] if not ablate else [LatentAblation.build(saes, as_latent_set(ablate)), rec]

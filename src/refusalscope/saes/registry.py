@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.saes.sae import Sae, load_sae_dir, load_sae_pretrained
-
-
+from refusalscope.saes.sae import Sae
+from refusalscope.saes.saelens_io import load_sae_dir, load_sae_pretrained
 @dataclass(frozen=True)
 class SaeSetEntry:
     name: str
@@ -75,20 +74,22 @@ def load_sae_set(spec: str, layers: Sequence[int] | None = None) -> dict[int, Sa
     entry = SAE_SETS.get(spec)
     if entry is not None:
         wanted = range(entry.n_layers) if layers is None else layers
-        bad = [l for l in wanted if not 0 <= l < entry.n_layers]
+        bad = [layer for layer in wanted if not 0 <= layer < entry.n_layers]
         if bad:
             raise RefusalScopeError(f"SAE set {spec} covers layers 0..{entry.n_layers - 1}; asked for {bad}")
-        return {l: load_sae_pretrained(entry.release, entry.sae_id(l), layer=l, neuronpedia_id=entry.neuronpedia_id(l))
-                for l in wanted}
+        return {layer: load_sae_pretrained(entry.release, entry.sae_id(layer), layer=layer,
+                                           neuronpedia_id=entry.neuronpedia_id(layer))
+                for layer in wanted}
     if spec.startswith("saelens:"):
         try:
             _, release, sae_id = spec.split(":", 2)
         except ValueError:
-            raise RefusalScopeError(f"cannot read {spec!r}; use saelens:RELEASE:ID (ID may contain {{layer}})") from None
+            raise RefusalScopeError(f"cannot read {spec!r}; use saelens:RELEASE:ID (ID may contain {{layer}})") \
+                from None
         if "{layer}" in sae_id:
             if layers is None:
                 raise RefusalScopeError(f"{spec} names an SAE per layer: say which layers (--layers)")
-            return {l: load_sae_pretrained(release, sae_id.format(layer=l), layer=l) for l in layers}
+            return {layer: load_sae_pretrained(release, sae_id.format(layer=layer), layer=layer) for layer in layers}
         sae = load_sae_pretrained(release, sae_id)
         return {sae.layer: sae}
     root = Path(spec).expanduser()

@@ -13,7 +13,8 @@ from refusalscope.lm.loading import LoadedModel
 from refusalscope.saes.sae import Sae, check_against_model
 from refusalscope.saes.registry import load_sae_set
 from refusalscope.saes.training.topk import TrainConfig
-from refusalscope.saes.training.cached import evaluate_sae_set, train_sae_set
+from refusalscope.saes.evals import evaluate_sae_set
+from refusalscope.saes.training.cached import train_sae_set
 from refusalscope.store import RunStore
 
 
@@ -43,7 +44,9 @@ def record_sae_set(store: RunStore, spec: str, layers: Sequence[int], info: dict
     store.write_json("saes.json", {"spec": spec, "layers": sorted(layers), **(info or {})})
 
 
-def load_run_saes(store: RunStore, lm: LoadedModel | None = None, layers: Sequence[int] | None = None) -> dict[int, Sae]:
+def load_run_saes(
+    store: RunStore, lm: LoadedModel | None = None, layers: Sequence[int] | None = None
+) -> dict[int, Sae]:
     """The SAE set recorded in the run, checked against the model."""
     rec = store.read_json("saes.json")
     wanted = rec["layers"] if layers is None else list(layers)
@@ -64,26 +67,47 @@ def eval_prompts(names: Sequence[str], n: int, data_dir: str | None, exclude: Se
     return list(dict.fromkeys(mixed))[:n]
 
 
-def run_sae_train(lm: LoadedModel, s: SaeTrainSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
-    layers = default_layers(store, lm.n_layers, s.layers, s.stride)
-    held_out = set(_prompts(s.eval_sets, data_dir))
-    corpus = [t for t in _prompts(s.corpus, data_dir) if t not in held_out]
-    if s.max_prompts:
-        corpus = corpus[:s.max_prompts]
+def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
+    layers = default_layers(store, lm.n_layers, settings.layers, settings.stride)
+    held_out = set(_prompts(settings.eval_sets, data_dir))
+    corpus = [t for t in _prompts(settings.corpus, data_dir) if t not in held_out]
+    if settings.max_prompts:
+        corpus = corpus[: settings.max_prompts]
     if not corpus:
         raise RefusalScopeError("the SAE training corpus is empty")
-    cfg = TrainConfig(width=s.width, k=s.k, epochs=s.epochs, batch_size=s.train_batch_size, lr=s.lr, seed=s.seed)
-    set_dir, saes, info = train_sae_set(lm, layers, corpus, cfg, corpus_id=",".join(s.corpus), replies=s.replies,
-                                        norm_factor=s.norm_factor, batch_size=s.batch_size)
+    cfg = TrainConfig(
+        width=settings.width,
+        k=settings.k,
+        epochs=settings.epochs,
+        batch_size=settings.train_batch_size,
+        lr=settings.lr,
+        seed=settings.seed,
+    )
+    set_dir, saes, info = train_sae_set(
+        lm,
+        layers,
+        corpus,
+        cfg,
+        corpus_id=",".join(settings.corpus),
+        replies=settings.replies,
+        norm_factor=settings.norm_factor,
+        batch_size=settings.batch_size,
+    )
     check_against_model(saes, lm.n_layers, lm.d_model)
-    record_sae_set(store, str(set_dir), layers, {"kind": "trained", "train": info, "config": s.model_dump(mode="json")})
-    table = evaluate_sae_set(lm, saes, eval_prompts(s.eval_sets, s.n_eval, data_dir), batch_size=s.batch_size)
+    record_sae_set(
+        store, str(set_dir), layers, {"kind": "trained", "train": info, "config": settings.model_dump(mode="json")}
+    )
+    table = evaluate_sae_set(
+        lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size
+    )
     store.write_table("sae_eval.parquet", table)
     return table
 
 
-def run_sae_eval(lm: LoadedModel, s: SaeEvalSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
+def run_sae_eval(lm: LoadedModel, settings: SaeEvalSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
     saes = load_run_saes(store, lm)
-    table = evaluate_sae_set(lm, saes, eval_prompts(s.eval_sets, s.n_eval, data_dir), batch_size=s.batch_size)
+    table = evaluate_sae_set(
+        lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size
+    )
     store.write_table("sae_eval.parquet", table)
     return table

@@ -1,4 +1,4 @@
-"""Figures for Stages 1–2: what a reader of the run directory would rather look at than read."""
+"""Figures for Stages 1–3: what a reader of the run directory would rather look at than read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pandas as pd
 
 def layer_counts(features: pd.Series) -> Counter:
     """Features per layer over many sets; ``features`` holds lists of "L{layer}/{index}" strings."""
-    return Counter(int(f.split("/")[0][1:]) for fs in features for f in fs)
+    from refusalscope.saes.features import Feature
+
+    return Counter(Feature.parse(f).layer for fs in features for f in fs)
 
 
 def plot_stages(s1: pd.DataFrame, s2: pd.DataFrame, best_tau: float, n_random_jailbroken: int, n_random: int):
@@ -45,5 +47,33 @@ def plot_stages(s1: pd.DataFrame, s2: pd.DataFrame, best_tau: float, n_random_ja
     bx.set_xlabel("layer")
     bx.set_ylabel("features (all prompts)")
     bx.set_title(f"Layers of the Stage-2 features, τ = {best_tau:g}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_stage3(table: pd.DataFrame, n_prompts: int):
+    """Prompts jailbroken at each K by the FM ranking and by the probe ranking (paper, Stage 3 vs the linear
+    baseline), and the share of prompts whose smallest jailbreaking FM K is ≤ K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for method, style in (("fm", "o-"), ("probe", "s--")):
+        sub = table[table.method == method].groupby("k").jailbroken.sum()
+        if len(sub):
+            ax.plot(sub.index, sub.values, style, label=f"{method.upper()} ranking: jailbroken at K")
+    best = table[table.method == "fm"].groupby("id").apply(
+        lambda g: g[g.jailbroken.astype(bool)].k.min(), include_groups=False).dropna()
+    if len(best):
+        ks = sorted(table[table.method == "fm"].k.unique())
+        ax.step(ks, [int((best <= k).sum()) for k in ks], where="post", color="grey",
+                label="FM: smallest jailbreaking K ≤ K")
+    ax.set_xlabel("K (new features ablated with the active Stage-2 set)")
+    ax.set_ylabel(f"prompts jailbroken (of {n_prompts})")
+    ax.set_ylim(0, max(n_prompts, 1) + 0.5)
+    ax.legend(fontsize=8)
+    ax.set_title("Stage 3: FM vs linear probe")
     fig.tight_layout()
     return fig

@@ -16,12 +16,18 @@ Blocks are drawn with ``random.Random(seed).sample`` from the remaining pool in 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from pydantic import BaseModel, Field
 
 from refusalscope.saes.features import Feature
+
+if TYPE_CHECKING:
+    from refusalscope.stages.context import StageContext
 
 # (R, n) boolean membership over the candidate list -> P(refusal) per row
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
@@ -33,7 +39,8 @@ def relative_change(p_before: float, p_after: float) -> float:
     return abs(p_before - p_after) / p_before if p_before > EPS else 0.0
 
 
-def prune_sequential(candidates: Sequence[Feature], prob: ProbFn, tau: float, seed: int, block: int = 5) -> list[Feature]:
+def prune_sequential(candidates: Sequence[Feature], prob: ProbFn, tau: float, seed: int,
+                     block: int = 5) -> list[Feature]:
     """Algorithm 1 as written: the reference implementation."""
     rng = random.Random(seed)
     col = {f: j for j, f in enumerate(candidates)}
@@ -130,3 +137,68 @@ def intersect(sets: Sequence[Sequence[Feature]]) -> list[Feature]:
     for s in sets[1:]:
         common &= set(s)
     return sorted(common)
+
+
+class TauResult(BaseModel):
+    """One τ of one prompt (a row of the paper's Table 1): the seed-intersected set and its judged completion."""
+
+    tau: float
+    seed_sizes: list[int]
+    features: list[Feature]
+    completion: str = ""
+    jailbroken: bool = False
+    refused: bool = True
+    degenerate: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.features)
+
+
+class ChainRecord(BaseModel):
+    """A seed's Δ trace: the blocks in drawing order and P along the chain of ablated sets."""
+
+    seed: int
+    blocks: list[list[Feature]]
+    probs: list[float]
+    deltas: list[float]
+
+
+class Stage2Result(BaseModel):
+    """One prompt's Stage 2: every τ's pruned set, judged, and the Δ traces."""
+
+    candidates: int
+    per_tau: list[TauResult]
+    chains: list[ChainRecord]
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+    def best(self) -> TauResult:
+        """The set later steps use: our choice, the smallest jailbreaking non-empty set (ties: the larger τ),
+        else the largest set, so checks run on a set that does what Stage 2 claims whenever one exists."""
+        winners = [r for r in self.per_tau if r.jailbroken and r.features]
+        if winners:
+            return min(winners, key=lambda r: (r.size, -r.tau))
+        return max(self.per_tau, key=lambda r: r.size)
+
+
+def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *, taus: Sequence[float],
+               seeds: Sequence[int], block: int = 5) -> Stage2Result:
+    """Algorithm 1 on a prompt's Stage-1 set, every (τ, seed) from one batch of forwards (``prune_batched``);
+    each τ keeps the features found with every seed and its set is judged by generation."""
+    t0 = time.perf_counter()
+
+    def prob(member: torch.Tensor) -> torch.Tensor:
+        return ctx.refusal_probs(prompt, candidates, member)
+
+    kept, chains = prune_batched(candidates, prob, taus, seeds, block)
+    t1 = time.perf_counter()
+    per_tau = [TauResult(tau=t, seed_sizes=[len(kept[(t, sd)]) for sd in seeds],
+                         features=intersect([kept[(t, sd)] for sd in seeds])) for t in taus]
+    for row, res in zip(per_tau, ctx.judged(prompt, [r.features for r in per_tau])):
+        row.completion = res.completion
+        row.jailbroken, row.refused, row.degenerate = (res.verdict.jailbroken, res.verdict.refused,
+                                                       res.verdict.degenerate)
+    return Stage2Result(candidates=len(candidates), per_tau=per_tau,
+                        chains=[ChainRecord(seed=c.seed, blocks=c.blocks, probs=c.probs, deltas=c.deltas)
+                                for c in chains],
+                        seconds={"prune": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)})

@@ -43,7 +43,7 @@ def resid_post_batch(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int
                 raise StopForward
         return edit
 
-    rec = [Hook("resid_post", l, recorder(l)) for l in layers]
+    rec = [Hook("resid_post", layer_id, recorder(layer_id)) for layer_id in layers]
     try:
         with torch.inference_mode(), hooked(lm.model, [*hooks, *rec]):
             lm.model(**batch, logits_to_keep=1, use_cache=False)
@@ -76,26 +76,26 @@ def collect(lm: LoadedModel, instructions: Sequence[str | tuple[str, str]], laye
     texts = [t + r for t, (_, r) in zip(format_chat(lm.tokenizer, [p[0] for p in pairs]), pairs)]
     prefix_len = template_prefix_length(lm.tokenizer)
     n_chunks = (len(texts) + chunk_prompts - 1) // chunk_prompts
-    parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with tqdm(total=len(texts), desc="activations", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
         for c in range(n_chunks):
             path = out_dir / f"chunk_{c:05d}.safetensors"
             lo, hi = c * chunk_prompts, min(len(texts), (c + 1) * chunk_prompts)
             if not path.exists():
-                acc: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+                acc: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
                 for start in range(lo, hi, batch_size):
                     idx = list(range(start, min(hi, start + batch_size)))
                     store, batch = resid_post_batch(lm, [texts[i] for i in idx], layers)
                     keep = torch.tensor([i % prefix_every == 0 for i in idx])
                     mask = token_mask(batch["attention_mask"].cpu(), prefix_len, keep)
-                    for l in layers:
-                        acc[l].append(store[l].cpu()[mask].to(torch.float16))
+                    for layer in layers:
+                        acc[layer].append(store[layer].cpu()[mask].to(torch.float16))
                     bar.update(len(idx))
-                tensors = {f"layer_{l}": torch.cat(acc[l]).contiguous() for l in layers}
+                tensors = {f"layer_{layer}": torch.cat(acc[layer]).contiguous() for layer in layers}
                 _atomic(path, lambda tmp: save_file(tensors, tmp))
             else:
                 bar.update(hi - lo)
             loaded = load_file(str(path))
-            for l in layers:
-                parts[l].append(loaded[f"layer_{l}"])
-    return {l: torch.cat(parts[l]) for l in layers}
+            for layer in layers:
+                parts[layer].append(loaded[f"layer_{layer}"])
+    return {layer: torch.cat(parts[layer]) for layer in layers}

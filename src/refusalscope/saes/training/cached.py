@@ -17,15 +17,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.saes.training.activations import collect, resid_post_batch, template_prefix_length, token_mask
-from refusalscope.lm.hooks import Hook, hooked
+from refusalscope.saes.training.activations import collect
 from refusalscope.lm.loading import LoadedModel, cache_root
-from refusalscope.lm.prompts import format_chat
-from refusalscope.saes.sae import Sae, load_sae_dir, save_sae
+from refusalscope.saes.sae import Sae
+from refusalscope.saes.saelens_io import load_sae_dir, save_sae
 from refusalscope.saes.training.topk import TrainConfig, train_topk
 
 log = logging.getLogger("refusalscope")
@@ -54,8 +52,9 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
     cfg_key = {**model_key, "width": cfg.width, "k": cfg.k, "epochs": cfg.epochs, "batch": cfg.batch_size,
                "lr": cfg.lr, "aux_k": cfg.aux_k, "seed": cfg.seed, "norm_factor": norm_factor}
     set_dir = sae_cache_dir(lm.name, cfg_key)
-    todo = [l for l in layers if not (set_dir / f"layer_{l}" / "cfg.json").is_file()]
-    info: dict = {"set_dir": str(set_dir), "trained": todo, "reused": [l for l in layers if l not in todo],
+    todo = [layer_id for layer_id in layers if not (set_dir / f"layer_{layer_id}" / "cfg.json").is_file()]
+    info: dict = {"set_dir": str(set_dir), "trained": todo,
+                  "reused": [layer_id for layer_id in layers if layer_id not in todo],
                   "seconds": {}}
     if todo:
         t0 = time.perf_counter()
@@ -89,76 +88,5 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
                                                             "final_train_fvu": tlog["trace"][-1]["fvu"]}})
             info["seconds"][f"layer_{layer}"] = time.perf_counter() - t1
         info["seconds"]["total"] = time.perf_counter() - t0
-    saes = {l: load_sae_dir(set_dir / f"layer_{l}") for l in layers}
+    saes = {layer_id: load_sae_dir(set_dir / f"layer_{layer_id}") for layer_id in layers}
     return set_dir, saes, info
-
-
-@torch.inference_mode()
-def evaluate_sae_set(lm: LoadedModel, saes: dict[int, Sae], instructions: Sequence[str], *, batch_size: int = 16,
-                     ce: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Per layer: FVU, L0, dead fraction on in-domain held-out tokens; CE-loss increase with the reconstruction
-    spliced in at those tokens (sink tokens, outside the SAE's domain, keep their activations)."""
-    layers = sorted(saes)
-    dev_saes = {l: s.to(lm.device, torch.float32) for l, s in saes.items()}
-    texts = format_chat(lm.tokenizer, instructions)
-    prefix_len = template_prefix_length(lm.tokenizer)
-    stats = {l: {"sse": 0.0, "sq": 0.0, "sum": torch.zeros(saes[l].d_in, dtype=torch.float64), "n": 0, "l0": 0.0,
-                 "fired": torch.zeros(saes[l].width, dtype=torch.bool), "ce": 0.0} for l in layers}
-    ce_clean, ce_tokens = 0.0, 0
-    steps = len(range(0, len(texts), batch_size)) * (1 + (len(layers) if ce else 0))
-    bar = tqdm(total=steps, desc="SAE eval", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        store, batch = resid_post_batch(lm, chunk, layers)
-        keep = token_mask(batch["attention_mask"].cpu(), prefix_len, torch.zeros(len(chunk), dtype=torch.bool))
-        for l in layers:
-            h = store[l].float()
-            sae = dev_saes[l]
-            dom = keep.to(h.device)
-            if sae.max_norm is not None:
-                dom &= h.norm(dim=-1) <= sae.max_norm
-            x = h[dom]
-            z = sae.encode(x)
-            s = stats[l]
-            s["sse"] += float((x - sae.decode(z)).pow(2).sum())
-            s["sq"] += float(x.double().pow(2).sum())
-            s["sum"] += x.double().sum(0).cpu()
-            s["n"] += x.shape[0]
-            s["l0"] += float((z > 0).sum())
-            s["fired"] |= (z > 0).any(0).cpu()
-        bar.update(1)
-        if not ce:
-            continue
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        target_mask = keep[:, 1:].to(ids.device)  # predict tokens after the template prefix
-
-        def token_ce(hooks):
-            with hooked(lm.model, hooks):
-                logits = lm.model(**batch, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            return float(nll[target_mask].sum())
-
-        ce_clean += token_ce([])
-        ce_tokens += int(target_mask.sum())
-        bar.update(1)
-        for l in layers:
-            sae = dev_saes[l]
-
-            def splice(h, sae=sae):
-                z = sae.encode(h.float())
-                dom = (sae.max_norm is None) or (h.float().norm(dim=-1, keepdim=True) <= sae.max_norm)
-                return torch.where(torch.as_tensor(dom, device=h.device), sae.decode(z).to(h.dtype), h)
-
-            stats[l]["ce"] += token_ce([Hook("resid_post", l, splice)])
-            bar.update(1)
-    bar.close()
-    rows = []
-    for l in layers:
-        s = stats[l]
-        n = max(s["n"], 1)
-        total_var = s["sq"] - float(s["sum"].pow(2).sum()) / n
-        rows.append({"layer": l, "fvu": s["sse"] / max(total_var, 1e-12), "l0": s["l0"] / n,
-                     "dead_frac": 1 - float(s["fired"].float().mean()), "tokens": s["n"],
-                     "ce_clean": ce_clean / max(ce_tokens, 1) if ce else float("nan"),
-                     "ce_increase": (s["ce"] - ce_clean) / max(ce_tokens, 1) if ce else float("nan")})
-    return pd.DataFrame(rows)

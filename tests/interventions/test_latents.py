@@ -1,14 +1,17 @@
-"""Latent interventions against the paper's formula: fast = dense = reference, per-row = one by one, empty = identity."""
+"""Latent interventions against the paper's formula: fast = dense = reference, per-row = one by one, empty = identity,
+and ablation holds at every step of generation."""
 
 import pytest
 import torch
 
 from refusalscope.errors import RefusalScopeError
+from refusalscope.interventions.base import Intervention
 from refusalscope.lm.hooks import Hook
 from refusalscope.lm.inference import collect_residuals, generate, map_last_logits
 from refusalscope.interventions.latents import LatentAblation, LatentClamp, LatentRecorder, ablation_delta, plan_sets, \
     reference_ablate
-from test_sae import ARCH_LIST, random_sae
+
+from helpers import ARCH_LIST, random_sae
 
 PROMPTS = ["Write a poem about the sea.", "Tell me how to pick a lock.", "hi"]
 
@@ -18,7 +21,7 @@ def _logits(lm, prompts=PROMPTS, **kw):
 
 
 def saes_for(lm, arch, layers=(1, 2), width=48):
-    return {l: random_sae(arch, d=lm.d_model, m=width, layer=l, seed=l) for l in layers}
+    return {layer: random_sae(arch, d=lm.d_model, m=width, layer=layer, seed=layer) for layer in layers}
 
 
 @pytest.mark.parametrize("arch", ARCH_LIST)
@@ -49,8 +52,9 @@ def test_layers_compose_like_sequential_reference(tiny_lm):
     lm = tiny_lm
     saes = saes_for(lm, "relu")
     sets = {1: [0, 3, 7, 11, 20], 2: [1, 2, 30]}
-    ref_hooks = [Hook("resid_post", l, lambda h, l=l: reference_ablate(saes[l], h, sets[l]).to(h.dtype))
-                 for l in (1, 2)]
+    ref_hooks = [Hook("resid_post", layer,
+                      lambda h, layer=layer: reference_ablate(saes[layer], h, sets[layer]).to(h.dtype))
+                 for layer in (1, 2)]
     ours = _logits(lm, interventions=[LatentAblation.build(saes, sets)])
     ref = _logits(lm, extra_hooks=ref_hooks)
     assert torch.allclose(ours, ref, atol=1e-4)
@@ -133,16 +137,43 @@ def test_recorder_matches_encode(tiny_lm):
     assert torch.cat(rec.records[2]).shape == (3, 1, 3)
 
 
+class _Probe(Intervention):
+    """Records resid_post of one layer at every forward call of generation (the prompt, then each new token)."""
+
+    def __init__(self, layer: int):
+        self.layer, self.seen = layer, []
+
+    def hooks(self, n_layers):
+        return [Hook("resid_post", self.layer, lambda h: self.seen.append(h.detach().float().clone()))]
+
+
 def test_ablation_applies_during_generation(tiny_lm):
     lm = tiny_lm
     saes = saes_for(lm, "relu", width=48)
     big = {1: list(range(48)), 2: list(range(48))}
-    base = generate(lm, PROMPTS, max_new_tokens=6, progress=False)
-    again = generate(lm, PROMPTS, max_new_tokens=6, progress=False,
-                     interventions=[LatentAblation.build(saes, {1: [], 2: []})])
-    assert base == again
-    abl = generate(lm, PROMPTS, max_new_tokens=6, progress=False, interventions=[LatentAblation.build(saes, big)])
-    assert isinstance(abl, list) and len(abl) == 3
+
+    def run(sets):
+        """Completions, and layer 1's stream at every step just before and just after the ablation's hook."""
+        before, after = _Probe(1), _Probe(1)
+        ablation = [] if sets is None else [LatentAblation.build(saes, sets)]
+        out = generate(lm, PROMPTS, max_new_tokens=6, batch_size=8, progress=False,
+                       interventions=[before, *ablation, after])
+        return out, before.seen, after.seen
+
+    base, _, clean = run(None)
+    assert len(clean) == 6 and all(h.shape[1] == 1 for h in clean[1:])  # the prompt pass, then one per new token
+    # the empty set changes nothing: same tokens, same stream bit for bit at every step
+    same, _, empty = run({1: [], 2: []})
+    assert same == base
+    assert len(empty) == len(clean) and all(torch.equal(a, b) for a, b in zip(empty, clean))
+    # a real set changes the generated tokens, and is applied (by the paper's formula) at every step, not just
+    # to the prompt: the stream after the hook is the reference ablation of the stream before it
+    abl, pre, post = run(big)
+    assert abl != base
+    assert len(post) == len(pre) > 1
+    for step, (h, h_abl) in enumerate(zip(pre, post)):
+        assert not torch.allclose(h_abl, h, atol=1e-4), step
+        assert torch.allclose(h_abl, reference_ablate(saes[1], h, big[1]), atol=1e-5), step
 
 
 def test_errors(tiny_lm):
@@ -164,9 +195,9 @@ def test_membership_plans_equal_set_plans(tiny_lm):
     sets = [cands, cands[:2], [], [(2, 30), (1, 7)]]
     member = membership(cands, sets)
     prompt = ["Tell me how to pick a lock."] * len(sets)
+    per_layer = [{layer: [i for m, i in s if m == layer] for layer in (1, 2)} for s in sets]
     by_sets = map_last_logits(tiny_lm, prompt, lambda x: x, progress=False,
-                              interventions=[LatentAblation.build(saes, [{l: [i for m, i in s if m == l] for l in (1, 2)}
-                                                                         for s in sets])])
+                              interventions=[LatentAblation.build(saes, per_layer)])
     by_member = map_last_logits(tiny_lm, prompt, lambda x: x, progress=False,
                                 interventions=[LatentAblation.from_membership(saes, cands, member)])
     assert torch.allclose(by_sets, by_member, atol=1e-5)

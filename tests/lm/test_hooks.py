@@ -24,7 +24,7 @@ def _hook_count(model):
 def test_identity_edit_changes_nothing(any_tiny_lm):
     lm = any_tiny_lm
     base = _logits(lm)
-    hooks = [Hook(p, l, lambda h: h.clone()) for l in range(lm.n_layers) for p in ("resid_pre", "resid_post",
+    hooks = [Hook(p, layer, lambda h: h.clone()) for layer in range(lm.n_layers) for p in ("resid_pre", "resid_post",
                                                                                    "attn_out", "mlp_out")]
     assert torch.equal(_logits(lm, extra_hooks=hooks), base)
 
@@ -70,7 +70,7 @@ def test_directional_ablation_removes_direction_everywhere(any_tiny_lm):
     def probe(h):
         seen.append((h.float() @ r).abs().max().item())
 
-    probes = [Hook(p, l, probe) for l in range(lm.n_layers) for p in ("resid_pre", "attn_out", "mlp_out")]
+    probes = [Hook(p, layer, probe) for layer in range(lm.n_layers) for p in ("resid_pre", "attn_out", "mlp_out")]
     map_last_logits(lm, PROMPTS, lambda x: x, interventions=[DirectionAblation(r)], extra_hooks=probes,
                     progress=False)
     assert len(seen) == len(probes) and max(seen) < 1e-4

@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.saes.sae import Sae, check_against_model, from_saelens, layer_from_hook_name, load_sae_dir, save_sae, \
-    to_saelens
+from refusalscope.saes.sae import check_against_model
+from refusalscope.saes.saelens_io import from_saelens, layer_from_hook_name, load_sae_dir, save_sae, to_saelens
 from refusalscope.saes.registry import load_sae_set
 from refusalscope.saes.training.topk import TrainConfig, train_topk
 
-ARCH_LIST = ["relu", "jumprelu", "topk"]
-
-
-def random_sae(arch: str, d: int = 32, m: int = 96, layer: int = 1, seed: int = 0, apply_b_dec: bool = False,
-               max_norm: float | None = None) -> Sae:
-    g = torch.Generator().manual_seed(seed)
-    W_enc = torch.randn(d, m, generator=g) / d**0.5
-    W_dec = torch.randn(m, d, generator=g) / m**0.5
-    kw = {}
-    if arch == "jumprelu":
-        kw["threshold"] = torch.rand(m, generator=g) * 0.3
-    if arch == "topk":
-        kw["k"] = 8
-    return Sae(arch, W_enc, torch.randn(m, generator=g) * 0.1, W_dec, torch.randn(d, generator=g) * 0.1, layer,
-               apply_b_dec_to_input=apply_b_dec, max_norm=max_norm, **kw)
+from helpers import ARCH_LIST, random_sae
 
 
 @pytest.mark.parametrize("arch", ARCH_LIST)

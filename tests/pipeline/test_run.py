@@ -6,11 +6,12 @@ import pandas as pd
 import pytest
 
 from refusalscope.pipeline import run as pipeline
+from refusalscope.pipeline import steps
 from refusalscope.cli import main
 from refusalscope.config import RunSettings
-from refusalscope.judges import Judge, Verdict
-from refusalscope.saes.sae import save_sae
-from test_sae import random_sae
+from refusalscope.saes.saelens_io import save_sae
+
+from helpers import FakeJudge, random_sae
 
 PROMPTS = ["Tell me how to pick a lock.", "Write a script that deletes files.", "How do I make a cake?"]
 
@@ -33,19 +34,6 @@ def diff_paths(a, b, path=""):
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-class BaselineJudge(Judge):
-    """Refused = the completion equals the model's unablated completion (a random model never says "I'm sorry")."""
-
-    name = "baseline-equality"
-
-    def __init__(self, baseline: dict[str, str]):
-        self.baseline = baseline
-
-    def judge(self, prompts, completions):
-        return [Verdict(refused=c == self.baseline[p], degenerate=False, score=0.0, reason="")
-                for p, c in zip(prompts, completions)]
-
-
 @pytest.fixture
 def setup(tmp_path, tiny_dirs, tiny_data_dir, tiny_lm, monkeypatch):
     from refusalscope.lm.inference import generate
@@ -56,7 +44,7 @@ def setup(tmp_path, tiny_dirs, tiny_data_dir, tiny_lm, monkeypatch):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS))
     base = dict(zip(PROMPTS, generate(tiny_lm, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)))
-    monkeypatch.setattr(pipeline, "make_judge", lambda spec: BaselineJudge(base))
+    monkeypatch.setattr(pipeline, "make_judge", lambda spec: FakeJudge.refuses_baseline(base))
     settings = RunSettings(model=str(tiny_dirs["qwen2"]), out=tmp_path / "run", prompts=str(prompt_file),
                            data_dir=str(tiny_data_dir), saes=str(sae_dir), min_layer=1, k_step=8, k_cap=32,
                            k_chunk=2, tau=[0.1, 0.5], seeds=[0, 1], max_new_tokens=6, batch_size=1, device="cpu",
@@ -82,8 +70,8 @@ def test_run_writes_summary_and_resumes(setup, monkeypatch):
     first = {f.name: json.loads(f.read_text()) for f in files}
 
     # a rerun recomputes nothing
-    real = pipeline.process_prompt
-    monkeypatch.setattr(pipeline, "process_prompt", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
+    real = steps.process_prompt
+    monkeypatch.setattr(steps, "process_prompt", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
     assert pipeline.run_pipeline(s, progress=False) == summary
 
     # a crash before a prompt's file was written: only that prompt is redone, with the same result
@@ -92,11 +80,11 @@ def test_run_writes_summary_and_resumes(setup, monkeypatch):
     (s.out / "summary.json").unlink()
     calls = []
 
-    def spy(lm, pid, *a, **k):
+    def spy(ctx, pid, *a, **k):
         calls.append(pid)
-        return real(lm, pid, *a, **k)
+        return real(ctx, pid, *a, **k)
 
-    monkeypatch.setattr(pipeline, "process_prompt", spy)
+    monkeypatch.setattr(steps, "process_prompt", spy)
     again = pipeline.run_pipeline(s, progress=False)
     assert calls == [int(lost.stem)]
     redone, before = untimed(json.loads(lost.read_text())), untimed(first[lost.name])
@@ -117,7 +105,19 @@ def test_chains_are_stored_with_deltas(setup):
     assert {"id", "seed", "step", "delta", "p_before", "p_after"} <= set(traces.columns)
 
 
-def test_cli_run_bad_input_is_clear(tmp_path, capsys):
-    rc = main(["run", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "nope")])
-    assert rc == 2
-    assert "error" in capsys.readouterr().err
+def test_cli_run_bad_input_is_clear(tmp_path, tiny_data_dir, capsys):
+    """Every input valid but --model, which is neither a registry alias, a directory, a .gguf file nor a hub id:
+    exit 2 and one line on stderr that names the offending value and what was expected, no traceback, nothing on
+    stdout, and no run directory left behind."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    bad, out_dir = tmp_path / "nope", tmp_path / "r"
+    rc = main(["run", "--out", str(out_dir), "--model", str(bad), "--prompts", str(prompts),
+               "--data-dir", str(tiny_data_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert "Traceback" not in err and out == "", err
+    assert err.endswith("\n") and err.count("\n") == 1, err  # exactly one line
+    assert err.startswith(f"refusalscope: error: unknown model '{bad}': not a registry alias ("), err
+    assert "an existing directory" in err and "hub id" in err, err
+    assert not out_dir.exists()

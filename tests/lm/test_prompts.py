@@ -5,6 +5,8 @@ from refusalscope.errors import RefusalScopeError
 from refusalscope.lm.prompts import format_chat, post_instruction_positions, post_instruction_suffix, tokenize
 from refusalscope.lm.registry import GEMMA_2_2B_IT, LLAMA_31_8B_IT, QWEN_CODER_05B
 
+from helpers import build_tiny, make_tokenizer
+
 
 def test_chatml_suffix_and_positions(tiny_lm):
     tok = tiny_lm.tokenizer
@@ -38,8 +40,6 @@ def test_left_padding(tiny_lm):
 
 
 def test_missing_chat_template_is_a_clear_error(tmp_path):
-    from conftest import build_tiny, make_tokenizer
-
     with pytest.raises(RefusalScopeError, match="chat template"):
         format_chat(make_tokenizer(None), ["hello"])
     from refusalscope.lm.loading import load_model

@@ -1,0 +1,37 @@
+"""The per-prompt record of a run (``prompts/<id>.json``): what each stage found for one prompt.
+
+A finished prompt is one file, written atomically; a rerun reuses it when its ``settings`` match the run's.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from refusalscope.analysis.controls import ControlsResult
+from refusalscope.stages.stage1 import Stage1Result
+from refusalscope.stages.stage2 import Stage2Result
+
+
+class PromptRecord(BaseModel):
+    id: int
+    prompt: str
+    settings: dict  # the options the results depend on (``steps.stage_key``)
+    stage1: Stage1Result
+    stage2: Stage2Result | None = None
+    stage2_skipped: str | None = None  # why Stage 2 did not run (Stage 1 found no jailbreaking set)
+    controls: ControlsResult | None = None
+
+    @staticmethod
+    def file_name(prompt_id: int) -> str:
+        return f"prompts/{int(prompt_id):05d}.json"
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PromptRecord | None":
+        """The record, or None for a file written by an older layout (it is then recomputed)."""
+        try:
+            return cls.model_validate(data)
+        except Exception:
+            return None

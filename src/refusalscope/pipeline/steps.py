@@ -1,0 +1,366 @@
+"""The steps of ``refusalscope run``, each a function that reads and writes the run store.
+
+Every resumable step records the inputs its output depends on (``steps.json``) and, on a rerun, reuses the output
+when they match, recomputes it when that loses nothing, or stops with one clear message when recomputing would
+make finished results inconsistent (a new refusal direction or SAE set under finished prompts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from refusalscope import __version__
+from refusalscope.analysis.controls import run_controls
+from refusalscope.config import DirectionSettings, RunSettings, SaeTrainSettings, parse_layers  # noqa: F401 (parse_layers used by run)
+from refusalscope.data import PromptSet, load_prompts, resolve_data_dir
+from refusalscope.direction import run_direction
+from refusalscope.errors import RefusalScopeError
+from refusalscope.judges import Judge, check_judge_name
+from refusalscope.lm.inference import generate
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.pipeline.records import PromptRecord
+from refusalscope.saes.registry import DEFAULT_SAE_SET, SAE_SETS, load_sae_set
+from refusalscope.saes.run_set import record_sae_set, run_sae_train
+from refusalscope.saes.sae import Sae
+from refusalscope.stages.context import StageContext
+from refusalscope.stages.stage1 import run_stage1
+from refusalscope.stages.stage2 import run_stage2
+from refusalscope.store import RunStore
+
+log = logging.getLogger("refusalscope")
+
+
+# ---- input checks -------------------------------------------------------------------------------------------------
+
+
+def preflight(settings: RunSettings) -> PromptSet:
+    """Check every input that needs no model (run directory, prompts, judge, layer spec, SAE spec, TOML values)
+    before anything is loaded or written: a bad input costs seconds and leaves the run directory untouched."""
+    out = Path(settings.out).expanduser()
+    data_dir = settings.data_dir
+    if out.exists() and not out.is_dir():
+        raise RefusalScopeError(f"--out {out} is a file, not a run directory")
+    run_file = out / "run.json"
+    if run_file.is_file():
+        try:
+            run = json.loads(run_file.read_text())
+        except json.JSONDecodeError as e:
+            raise RefusalScopeError(f"{run_file} is not valid JSON ({e}); use another --out") from None
+        if run.get("model") != settings.model:
+            raise RefusalScopeError(
+                f"{out} was made with model {run.get('model')!r}, not {settings.model!r}; use another --out"
+            )
+        data_dir = data_dir or run.get("data_dir")
+    if settings.data_dir:
+        resolve_data_dir(settings.data_dir)  # raises when it does not exist
+    check_judge_name(settings.judge)
+    if settings.layers:
+        parse_layers(settings.layers, 10_000)  # the syntax now; the range once the model is loaded
+    if (
+        settings.saes
+        and settings.saes not in SAE_SETS
+        and not settings.saes.startswith("saelens:")
+        and not Path(settings.saes).expanduser().is_dir()
+    ):
+        raise RefusalScopeError(
+            f"unknown SAE set {settings.saes!r}: not a registry name ({', '.join(SAE_SETS)}), "
+            "not saelens:RELEASE:ID and not a directory"
+        )
+    return load_prompts(settings.prompts, data_dir=data_dir, column=settings.column)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recorded_inputs(store: RunStore, step: str) -> dict | None:
+    return store.read_json("steps.json").get(step) if store.exists("steps.json") else None
+
+
+def record_inputs(store: RunStore, step: str, inputs: dict) -> None:
+    steps = store.read_json("steps.json") if store.exists("steps.json") else {}
+    steps[step] = inputs
+    store.write_json("steps.json", steps)
+
+
+# ---- steps --------------------------------------------------------------------------------------------------------
+
+
+def init_run(store: RunStore, settings: RunSettings, lm: LoadedModel) -> dict:
+    """Write run.json for a new run (an existing one was checked by ``preflight``)."""
+    if store.exists("run.json"):
+        return store.read_json("run.json")
+    run = {
+        "model": settings.model,
+        "source": lm.source,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "chat_template": settings.chat_template,
+        "data_dir": settings.data_dir,
+        "refusal_tokens": list(lm.refusal_tokens),
+        "refusalscope": __version__,
+    }
+    store.write_json("run.json", run)
+    return run
+
+
+def _explicit(options) -> dict:
+    """The options a user set (flag, environment or TOML), as JSON values."""
+    dumped = options.model_dump(mode="json")
+    return {k: dumped[k] for k in sorted(options.model_fields_set)}
+
+
+def ensure_direction(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None:
+    """Step: the refusal direction (``refusalscope direction``), computed once per run.
+
+    Options set explicitly that differ from the ones it was computed with stop the run: a new direction would
+    change every later result.
+    """
+    if store.exists("direction.json"):
+        if store.exists("config.direction.json"):
+            used = store.read_json("config.direction.json")
+            changed = {k: v for k, v in _explicit(settings.direction).items() if k in used and used[k] != v}
+            if changed:
+                was = ", ".join(f"{k}={used[k]!r}" for k in changed)
+                raise RefusalScopeError(
+                    f"{store.root} holds a refusal direction computed with {was}; "
+                    "use another --out for new direction options"
+                )
+        return
+    log.warning("no refusal direction in %s yet: computing it (refusalscope direction)", store.root)
+    ds = DirectionSettings(
+        model=settings.model,
+        out=settings.out,
+        data_dir=settings.data_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+        chat_template=settings.chat_template,
+        **settings.direction.model_dump(),
+    )
+    store.write_json("config.direction.json", ds.model_dump(mode="json"))
+    summary = run_direction(lm, ds, store)
+    if summary.get("note"):
+        log.warning("direction: %s", summary["note"])
+
+
+def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None:
+    """Step: the run's SAE set (``saes.json``): the one named, the model's registry set, or trained ones.
+
+    A run keeps its SAE set: ``--saes`` naming another one, or SAE-training options that differ from the ones it
+    was trained with, stop with one message (every finished result was found with the recorded set).
+    """
+    entry_alias = lm.entry.alias if lm.entry else None
+    if store.exists("saes.json"):
+        rec = store.read_json("saes.json")
+        if settings.saes and settings.saes != rec.get("spec"):
+            raise RefusalScopeError(
+                f"{store.root} was made with the SAE set {rec.get('spec')!r}, not {settings.saes!r}; use another --out"
+            )
+        if rec.get("kind") == "trained" and isinstance(rec.get("config"), dict):
+            changed = {k: v for k, v in _explicit(settings.sae_train).items() if rec["config"].get(k, v) != v}
+            if changed:
+                was = ", ".join(f"{k}={rec['config'][k]!r}" for k in changed)
+                raise RefusalScopeError(
+                    f"{store.root} holds SAEs trained with {was}; use another --out for new SAE-training options"
+                )
+        return
+    spec = settings.saes or DEFAULT_SAE_SET.get(entry_alias or "")
+    if spec:
+        layers = parse_layers(settings.layers, lm.n_layers) if settings.layers else None
+        saes = load_sae_set(spec, layers)
+        record_sae_set(store, spec, sorted(saes), {"kind": "loaded"})
+        return
+    log.warning("no SAEs known for %s: training them (refusalscope sae train)", settings.model)
+    ts = SaeTrainSettings(
+        run=settings.out,
+        data_dir=settings.data_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+        **settings.sae_train.model_dump(),
+    )
+    store.write_json("config.sae_train.json", ts.model_dump(mode="json"))
+    run_sae_train(lm, ts, store, settings.data_dir)
+
+
+def stage_layers(saes: Mapping[int, Sae], settings: RunSettings, n_layers: int) -> list[int]:
+    """The SAE layers the stages use: --layers (default all) at or above --min-layer."""
+    wanted = parse_layers(settings.layers, n_layers) if settings.layers else sorted(saes)
+    layers = [layer for layer in wanted if layer >= settings.min_layer and layer in saes]
+    if not layers:
+        raise RefusalScopeError(f"no SAE layer ≥ {settings.min_layer} among {sorted(saes)}; check --layers/--min-layer")
+    return layers
+
+
+def baseline(
+    lm: LoadedModel, prompts: Sequence[str], judge: Judge, settings: RunSettings, store: RunStore
+) -> pd.DataFrame:
+    """Step: every prompt's unablated completion and verdict; recomputed when the prompts, the judge, the token
+    budget or the dtype change."""
+    inputs = {
+        "prompts": _digest(list(prompts)),
+        "judge": settings.judge,
+        "max_new_tokens": settings.max_new_tokens,
+        "dtype": str(lm.dtype),
+    }
+    if store.exists("baseline.parquet") and recorded_inputs(store, "baseline") == inputs:
+        return store.read_table("baseline.parquet")
+    if store.exists("baseline.parquet"):
+        log.warning("the baseline's inputs (prompts, judge, max-new-tokens or dtype) changed: recomputing it")
+    outs = generate(
+        lm, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, desc="baseline"
+    )
+    verdicts = judge.judge(prompts, outs)
+    table = pd.DataFrame(
+        {
+            "id": range(len(prompts)),
+            "prompt": list(prompts),
+            "completion": outs,
+            **{k: [v.as_dict()[k] for v in verdicts] for k in ("refused", "jailbroken", "degenerate")},
+        }
+    )
+    store.write_table("baseline.parquet", table)
+    record_inputs(store, "baseline", inputs)
+    return table
+
+
+STAGE_KEYS = (
+    "stages",
+    "layers",
+    "min_layer",
+    "k_step",
+    "k_cap",
+    "block",
+    "tau",
+    "seeds",
+    "n_random",
+    "max_new_tokens",
+    "judge",
+    "seed",
+    "refusal_tokens",
+)
+
+
+def stage_key(settings: RunSettings) -> dict:
+    """The options a finished prompt's results depend on: a rerun with other values recomputes the prompt."""
+    key = {k: v for k, v in settings.model_dump(mode="json").items() if k in STAGE_KEYS and v is not None}
+    key["stages"] = [x for x in settings.stages if x in ("1", "2")]  # Stage 3 has its own files and key
+    return key
+
+
+def finished_record(store: RunStore, prompt_id: int, prompt: str, settings: dict) -> PromptRecord | None:
+    """The prompt's saved record if it was made for this prompt with these settings."""
+    name = PromptRecord.file_name(prompt_id)
+    if not store.exists(name):
+        return None
+    rec = PromptRecord.from_json(store.read_json(name))
+    if rec is None or rec.prompt != prompt or rec.settings != settings:
+        return None
+    return rec
+
+
+def process_prompt(
+    ctx: StageContext, prompt_id: int, prompt: str, ranked: Mapping[int, Sequence[int]], settings: RunSettings
+) -> PromptRecord:
+    """Stages 1 and 2 and the Stage-2 sanity checks for one prompt."""
+    r1 = run_stage1(ctx, prompt, ranked, step=settings.k_step, cap=settings.k_cap, chunk=settings.k_chunk)
+    rec = PromptRecord(id=prompt_id, prompt=prompt, settings=stage_key(settings), stage1=r1)
+    if "2" not in settings.stages:
+        return rec
+    if not r1.jailbroken:
+        rec.stage2_skipped = "stage 1 found no jailbreaking set up to the K cap"
+        return rec
+    rec.stage2 = run_stage2(ctx, prompt, r1.features, taus=settings.tau, seeds=settings.seeds, block=settings.block)
+    chosen = rec.stage2.best()
+    rec.controls = run_controls(
+        ctx,
+        prompt,
+        chosen.features,
+        tau=chosen.tau,
+        jailbroken=chosen.jailbroken,
+        n_random=settings.n_random,
+        seed=settings.seed,
+        prompt_id=prompt_id,
+    )
+    return rec
+
+
+def stage3_prompts(records: Sequence[PromptRecord]) -> list[PromptRecord]:
+    """The prompts Stage 3 runs on: those whose Stage 2 ran (it needs their Stage-2 sets)."""
+    return [r for r in records if r.stage2 is not None and r.stage2.best().features]
+
+
+def run_stage3_step(
+    lm: LoadedModel,
+    all_saes: Mapping[int, Sae],
+    stage_saes: Mapping[int, Sae],
+    judge: Judge,
+    records: Sequence[PromptRecord],
+    settings: RunSettings,
+    store: RunStore,
+    cache,
+    progress: bool = True,
+) -> tuple[list, dict]:
+    """Step: Stage 3 (``stages.stage3``) on every prompt with a Stage-2 set; resumable per prompt."""
+    from refusalscope.direction import load_direction
+    from refusalscope.stages.stage3 import Stage3Result, fit_interaction_models, fm_layers, run_stage3
+    from tqdm.auto import tqdm
+
+    opts = settings.stage3
+    todo_records = stage3_prompts(records)
+    if not todo_records:
+        raise RefusalScopeError(
+            "Stage 3 needs prompts with a Stage-2 set; none of the processed prompts has one "
+            "(run stages 1,2 on more prompts)"
+        )
+    _, meta = load_direction(store)
+    layers = fm_layers(all_saes, opts.first_layer, int(meta["layer"]))
+    fm_saes = {layer: all_saes[layer].to(lm.device, torch.float32) for layer in layers}
+    run = store.read_json("run.json")
+    models = fit_interaction_models(
+        lm,
+        fm_saes,
+        store,
+        opts,
+        stage2_features=[f for r in todo_records for f in r.stage2.best().features],
+        data_dir=settings.data_dir or run.get("data_dir"),
+        batch_size=settings.batch_size,
+        progress=progress,
+    )
+    ctx = StageContext(
+        lm,
+        {**fm_saes, **stage_saes},
+        judge,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        score_batch_size=settings.stage2_batch_size,
+        cache=cache,
+    )
+    key = {**stage_key(settings), "stage3": opts.model_dump(mode="json"), "models": models.report["inputs"]}
+    results = []
+    with tqdm(total=len(todo_records), desc="stage 3", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+        for rec in todo_records:
+            name = Stage3Result.file_name(rec.id)
+            done = None
+            if store.exists(name):
+                try:
+                    done = Stage3Result.model_validate(store.read_json(name))
+                except Exception:
+                    done = None
+                if done is not None and (done.settings != key or done.prompt != rec.prompt):
+                    done = None
+            if done is None:
+                chosen = rec.stage2.best()
+                done = run_stage3(ctx, rec.id, rec.prompt, chosen.features, chosen.tau, models, opts, key)
+                store.write_json(name, done.model_dump(mode="json"))
+            results.append(done)
+            bar.update(1)
+    return results, models.report

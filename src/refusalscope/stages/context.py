@@ -1,0 +1,150 @@
+"""What every stage and analysis shares for one run: the model, the SAE set, the judge, generation settings and a
+cache of completions per ablated set (the way heretic's scorers share one context), so each call carries only
+what is specific to it (a prompt, a set of features)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from refusalscope.interventions.latents import LatentAblation
+from refusalscope.judges import Judge, Verdict
+from refusalscope.lm.inference import generate
+from refusalscope.lm.loading import LoadedModel
+from refusalscope.saes.features import Feature, active_features, as_latent_set, features_of
+from refusalscope.saes.sae import Sae
+from refusalscope.stages.scoring import refusal_probs
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One generated completion under an ablated set, and the judge's verdict on it."""
+
+    completion: str
+    verdict: Verdict
+
+    @property
+    def jailbroken(self) -> bool:
+        return self.verdict.jailbroken
+
+    def as_dict(self) -> dict:
+        return {"completion": self.completion, **self.verdict.as_dict()}
+
+
+def set_key(features: Iterable) -> tuple[Feature, ...]:
+    """The canonical form of an ablated set: sorted, duplicates dropped."""
+    return tuple(sorted(set(features_of(features))))
+
+
+class CompletionCache:
+    """Completions keyed by (prompt, ablated set, generation settings); in memory, or in a SQLite file of the run
+    store so every stage and analysis of a run, and a resumed run, reuses what was generated once.
+
+    Verdicts are not cached: the judge is cheap next to generation and may change between commands.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self._mem: dict[str, str] = {}
+        self._lock = threading.Lock()
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, prompt TEXT, features TEXT, "
+                           "settings TEXT, completion TEXT)")
+
+    def _connect(self) -> sqlite3.Connection:
+        # the default rollback journal, not WAL: no side files in the run directory, and it works on shared
+        # filesystems; writers wait up to a minute for each other
+        return sqlite3.connect(self.path, timeout=60)
+
+    @staticmethod
+    def key(prompt: str, features: Sequence[Feature], settings: Mapping) -> str:
+        blob = json.dumps([prompt, [list(f) for f in features], dict(sorted(settings.items()))])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        found = {k: self._mem[k] for k in keys if k in self._mem}
+        missing = [k for k in keys if k not in found]
+        if self.path and missing:
+            with self._lock, self._connect() as db:
+                for start in range(0, len(missing), 500):
+                    part = missing[start:start + 500]
+                    marks = ",".join("?" * len(part))
+                    rows = db.execute(f"SELECT key, completion FROM completions WHERE key IN ({marks})",
+                                      part).fetchall()
+                    found.update(dict(rows))
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, str, Sequence[Feature], Mapping, str]]) -> None:
+        """Items of (key, prompt, features, settings, completion)."""
+        for k, *_, completion in items:
+            self._mem[k] = completion
+        if self.path and items:
+            with self._lock, self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
+                               [(k, p, json.dumps([str(f) for f in fs]), json.dumps(dict(s)), c)
+                                for k, p, fs, s, c in items])
+
+
+@dataclass
+class StageContext:
+    """The model, SAEs, judge and settings of a run, and the calls the stages make with them."""
+
+    lm: LoadedModel
+    saes: Mapping[int, Sae]
+    judge: Judge
+    max_new_tokens: int = 48
+    batch_size: int = 16  # completions per generation batch
+    # sets per scoring forward; our choice: 64 on CPU (memory-bound), 1,024 on a GPU (fills an H100 at 2B shapes)
+    score_batch_size: int | None = None
+    cache: CompletionCache = field(default_factory=CompletionCache)
+
+    @property
+    def scoring_batch(self) -> int:
+        if self.score_batch_size:
+            return self.score_batch_size
+        return 1024 if torch.device(self.lm.device).type == "cuda" else 64
+
+    @property
+    def generation_settings(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "dtype": str(self.lm.dtype), "greedy": True}
+
+    def judged(self, prompt: str, sets: Sequence[Iterable]) -> list[Judged]:
+        """Ablate each set (one generation row per distinct set, all in one batch), generate, judge.
+
+        Identical sets are generated once; sets already in the cache are not generated again.
+        """
+        keys = [set_key(x) for x in sets]
+        settings = self.generation_settings
+        cache_keys = {k: self.cache.key(prompt, k, settings) for k in dict.fromkeys(keys)}
+        known = self.cache.get_many(list(cache_keys.values()))
+        todo = [k for k, ck in cache_keys.items() if ck not in known]
+        if todo:
+            outs = generate(self.lm, [prompt] * len(todo), max_new_tokens=self.max_new_tokens,
+                            batch_size=self.batch_size, progress=False,
+                            interventions=[LatentAblation.build(self.saes, [as_latent_set(k) for k in todo])])
+            self.cache.put_many([(cache_keys[k], prompt, k, settings, o) for k, o in zip(todo, outs)])
+            known.update({cache_keys[k]: o for k, o in zip(todo, outs)})
+        uniq = list(cache_keys)
+        completions = [known[cache_keys[k]] for k in uniq]
+        verdicts = dict(zip(uniq, self.judge.judge([prompt] * len(uniq), completions))) if uniq else {}
+        return [Judged(known[cache_keys[k]], verdicts[k]) for k in keys]
+
+    def refusal_probs(self, prompt: str, candidates: Sequence[Feature], member: torch.Tensor) -> torch.Tensor:
+        """P(refusal) at the last prompt position with each row of ``member`` ablated (paper, Eq. 1's P(p, A))."""
+        return refusal_probs(self.lm, prompt, self.saes, [], candidates=candidates, member=member,
+                             batch_size=self.scoring_batch)
+
+    def activations(self, prompt: str, features: Iterable[Feature] | None = None,
+                    ablate: Iterable[Feature] = ()) -> dict[Feature, float]:
+        """Max activation over the prompt's positions (only firing features when ``features`` is None)."""
+        acts = active_features(self.lm, prompt, self.saes, features, ablate=ablate)
+        return {Feature(*f): v for f, v in acts.items()}

@@ -1,0 +1,363 @@
+"""Stage 3 data: the prompt table and the SAE activations a factorization machine is trained on.
+
+Paper, appendix "Dataset for training Factorization Machines": all 520 AdvBench prompts (label 1) and as many
+Alpaca prompts (label 0, a seeded sample), split 80/10/10 with a seed; the inputs are SAE activations at the last
+4 prompt positions (the post-instruction chat-template tokens, e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``) of
+every SAE layer from 2 to l*. A feature is (layer, latent); SAE "layer l" reads resid_post of decoder layer l.
+
+Activations are kept sparse end to end: ``encode_last_positions`` returns COO tensors (z > 0 only), chunks of them
+are stored resumably by ``collect_activations``, and ``combine`` turns them into a CSR design matrix with one
+column per feature ("max" over the positions) or per (feature, position) ("positions").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from refusalscope.data import split
+from refusalscope.errors import RefusalScopeError
+from refusalscope.lm.hooks import Hook, StopForward, hooked
+from refusalscope.lm.inference import length_sorted_batches
+from refusalscope.lm.prompts import format_chat, tokenize
+from refusalscope.saes.features import Feature
+from refusalscope.saes.sae import Sae, check_against_model
+from refusalscope.store import RunStore
+
+FIELDS = ("row", "position", "layer", "latent", "value")  # COO fields; indices int32, value float32
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------- prompt table
+
+def build_prompt_table(harmful: Sequence[str], harmless_pool: Sequence[str], *, seed: int = 0,
+                       fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> pd.DataFrame:
+    """Columns ``prompt``, ``label`` (1 harmful, 0 harmless), ``split`` (train/val/test); harmful rows first.
+
+    The harmless rows are a seeded sample of ``len(harmful)`` prompts of ``harmless_pool``.
+    """
+    if len(fractions) != len(SPLITS):
+        raise RefusalScopeError(f"fractions must give train, val and test, got {list(fractions)}")
+    if not harmful:
+        raise RefusalScopeError("no harmful prompts given for the Stage 3 prompt table")
+    if len(harmless_pool) < len(harmful):
+        raise RefusalScopeError(f"the harmless pool holds {len(harmless_pool)} prompts but {len(harmful)} are needed "
+                                "(one per harmful prompt); use a larger pool")
+    rng = random.Random(seed)
+    harmless = [harmless_pool[i] for i in rng.sample(range(len(harmless_pool)), len(harmful))]
+    prompts = [*harmful, *harmless]
+    labels = [1] * len(harmful) + [0] * len(harmless)
+    splits = [""] * len(prompts)
+    # Our choice: the split is stratified by label, so train, val and test are each balanced.
+    for label, lo in ((1, 0), (0, len(harmful))):
+        parts = split(list(range(lo, lo + len(harmful))), fractions, seed=rng.randrange(2**32))
+        for name, idx in zip(SPLITS, parts):
+            for i in idx:
+                splits[i] = name
+    return pd.DataFrame({"prompt": prompts, "label": labels, "split": splits})
+
+
+# ----------------------------------------------------------------------------------------------- activations
+
+def _empty_coo() -> dict[str, torch.Tensor]:
+    out = {k: torch.zeros(0, dtype=torch.int32) for k in FIELDS[:-1]}
+    out["value"] = torch.zeros(0, dtype=torch.float32)
+    return out
+
+
+def _cat_coo(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if not parts:
+        return _empty_coo()
+    return {k: torch.cat([p[k] for p in parts]) for k in FIELDS}
+
+
+def _sorted_coo(coo: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Entries ordered by (row, position, layer, latent)."""
+    order = np.lexsort([coo[k].numpy() for k in ("latent", "layer", "position", "row")])
+    idx = torch.from_numpy(order)
+    return {k: coo[k][idx] for k in FIELDS}
+
+
+@torch.inference_mode()
+def encode_last_positions(lm, saes: Mapping[int, Sae], prompts: Sequence[str], *, n_positions: int = 4,
+                          batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """SAE latents (z > 0 only) at the last ``n_positions`` positions of each chat-formatted prompt, as COO tensors.
+
+    Returns {row, position, layer, latent, value}: row indexes ``prompts``, position counts from the end
+    (-n_positions..-1; prompts are left-padded, so these are the same template tokens in every row), entries
+    ordered by (row, position, layer, latent). One forward per batch, stopped after the highest SAE layer; each
+    SAE's own ``encode`` (with its ``max_norm`` domain rule) runs on the recorded positions, one layer at a time.
+    ``on_batch(n)`` is called after each batch of n prompts.
+    """
+    if n_positions < 1:
+        raise RefusalScopeError(f"n_positions must be at least 1, got {n_positions}")
+    if not saes:
+        raise RefusalScopeError("no SAEs given: Stage 3 needs at least one SAE layer")
+    check_against_model(dict(saes), lm.n_layers, lm.d_model)
+    layers = sorted(int(ly) for ly in saes)
+    last = layers[-1]
+    texts = format_chat(lm.tokenizer, prompts)
+    parts: list[dict[str, torch.Tensor]] = []
+    for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
+        batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
+        if not bool(batch["attention_mask"][:, -n_positions:].all()):
+            raise RefusalScopeError(f"a formatted prompt is shorter than n_positions={n_positions} tokens")
+        acts: dict[int, torch.Tensor] = {}
+
+        def recorder(layer: int):
+            def edit(h: torch.Tensor):
+                acts[layer] = h[:, -n_positions:, :].float()  # as LatentRecorder feeds the SAE
+                if layer == last:
+                    raise StopForward
+            return edit
+
+        try:
+            with hooked(lm.model, [Hook("resid_post", ly, recorder(ly)) for ly in layers]):
+                lm.model(**batch, logits_to_keep=1, use_cache=False)
+        except StopForward:
+            pass
+        row_ids = torch.tensor(rows, dtype=torch.int32)
+        for layer in layers:
+            sae = saes[layer]
+            z = sae.encode(acts.pop(layer).to(sae.W_enc.device))  # (B, n_positions, width): one layer, one batch
+            b, p, j = (z > 0).nonzero(as_tuple=True)
+            parts.append({"row": row_ids[b.cpu()], "position": (p - n_positions).to(torch.int32).cpu(),
+                          "layer": torch.full((len(b),), layer, dtype=torch.int32),
+                          "latent": j.to(torch.int32).cpu(), "value": z[b, p, j].float().cpu()})
+            del z
+        if on_batch is not None:
+            on_batch(len(rows))
+    return _sorted_coo(_cat_coo(parts))
+
+
+def _prompts_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _sae_fingerprint(sae: Sae) -> str:
+    """Cheap identity of an SAE: its configuration and the exact bytes of its biases and first encoder row."""
+    h = hashlib.sha256(json.dumps([sae.arch, sae.d_in, sae.width, sae.k, sae.max_norm, sae.apply_b_dec_to_input,
+                                   sae.source]).encode())
+    for t in (sae.b_enc, sae.b_dec, sae.W_enc[0], sae.threshold):
+        if t is not None:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _chunk_meta(lm, saes: Mapping[int, Sae], texts: Sequence[str], n_positions: int) -> dict:
+    return {"prompts_hash": _prompts_hash(texts), "n_prompts": len(texts), "layers": sorted(int(ly) for ly in saes),
+            "n_positions": int(n_positions), "saes": {str(ly): _sae_fingerprint(saes[ly]) for ly in sorted(saes)},
+            "model": str(getattr(lm, "name", ""))}
+
+
+def _read_meta(path) -> dict | None:
+    """A chunk file's metadata, or None when it is missing or unreadable (then it is recomputed)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception:
+        return None
+    return meta if keys == set(FIELDS) else None
+
+
+def collect_activations(lm, saes: Mapping[int, Sae], table: pd.DataFrame, store: RunStore, *,
+                        name: str = "stage3/activations", chunk_size: int = 64, batch_size: int = 16,
+                        n_positions: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``encode_last_positions`` of ``table.prompt``, resumable; row = the table's row number (0-based).
+
+    Chunk c (prompts c·chunk_size …) is stored atomically as ``{name}/chunk_{c:05d}.safetensors`` with chunk-local
+    rows; a chunk whose metadata (prompts hash, layers, n_positions, SAE fingerprints, model) matches is reused,
+    any other is recomputed. Chunk files past the table's end are left alone.
+    """
+    if chunk_size < 1:
+        raise RefusalScopeError(f"chunk_size must be at least 1, got {chunk_size}")
+    prompts = [str(p) for p in table["prompt"].tolist()]
+    bounds = [(lo, min(len(prompts), lo + chunk_size)) for lo in range(0, len(prompts), chunk_size)]
+    names = [f"{name}/chunk_{c:05d}.safetensors" for c in range(len(bounds))]
+    metas = [_chunk_meta(lm, saes, prompts[lo:hi], n_positions) for lo, hi in bounds]
+    valid = [_read_meta(store.path(n)) == m for n, m in zip(names, metas)]
+    done = sum(hi - lo for (lo, hi), ok in zip(bounds, valid) if ok)
+    parts = []
+    with tqdm(total=len(prompts), initial=done, desc="stage 3 activations", unit="prompt", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for (lo, hi), chunk, meta, ok in zip(bounds, names, metas, valid):
+            if ok:
+                coo, _ = store.read_tensors(chunk)
+            else:
+                coo = encode_last_positions(lm, saes, prompts[lo:hi], n_positions=n_positions, batch_size=batch_size,
+                                            on_batch=bar.update)
+                store.write_tensors(chunk, coo, metadata=meta)
+            coo = dict(coo)
+            coo["row"] = coo["row"] + lo
+            parts.append(coo)
+    return _cat_coo(parts)
+
+
+# ----------------------------------------------------------------------------------------------- design matrix
+
+class PositionedFeature(NamedTuple):
+    """A "positions"-mode column: a feature at one prompt position (counted from the end). Str: "L17/1204@-2"."""
+
+    layer: int
+    latent: int
+    position: int
+
+    @property
+    def feature(self) -> Feature:
+        return Feature(self.layer, self.latent)
+
+    def __str__(self) -> str:
+        return f"L{self.layer}/{self.latent}@{self.position}"
+
+
+Column = Union[Feature, PositionedFeature]
+
+
+def feature_of_column(col) -> Feature:
+    """The feature a column belongs to (a Feature column is its own feature)."""
+    if isinstance(col, PositionedFeature):
+        return col.feature
+    if isinstance(col, str):
+        return feature_of_column(column_of(col))
+    if len(col) == 3:
+        return Feature(int(col[0]), int(col[1]))
+    return Feature.of(col)
+
+
+def column_of(value) -> Column:
+    """A column key from its JSON form ([layer, latent] or [layer, latent, position]) or its string form."""
+    if isinstance(value, str):
+        text, _, pos = value.strip().partition("@")
+        f = Feature.parse(text)
+        return PositionedFeature(f.layer, f.latent, int(pos)) if pos else f
+    if len(value) == 3:
+        return PositionedFeature(int(value[0]), int(value[1]), int(value[2]))
+    return Feature.of(value)
+
+
+def column_features(columns: Sequence) -> list[Feature]:
+    return [feature_of_column(c) for c in columns]
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def combine(coo: Mapping[str, object], n_rows: int, layers: Iterable[int], width_by_layer: Mapping[int, int], *,
+            mode: str = "max", n_positions: int = 4):
+    """(CSR float32 matrix (n_rows, n_columns), columns) from COO activations.
+
+    "max": one column per Feature (value = max over the positions); "positions": one column per
+    PositionedFeature (position -n_positions..-1). Columns cover every latent of ``layers`` in (layer, latent[,
+    position]) order; entries of other layers are ignored.
+    """
+    from scipy import sparse
+
+    if mode not in ("max", "positions"):
+        raise RefusalScopeError(f"mode must be 'max' or 'positions', not {mode!r}")
+    layers = sorted({int(ly) for ly in layers})
+    if not layers:
+        raise RefusalScopeError("combine needs at least one layer")
+    missing = [ly for ly in layers if ly not in width_by_layer]
+    if missing:
+        raise RefusalScopeError(f"no width given for layers {missing}")
+    offsets, total = {}, 0
+    for ly in layers:
+        offsets[ly] = total
+        total += int(width_by_layer[ly])
+    row, pos, layer, latent = (_np(coo[k]).astype(np.int64) for k in ("row", "position", "layer", "latent"))
+    value = _np(coo["value"]).astype(np.float32)
+    keep = np.isin(layer, layers)
+    row, pos, layer, latent, value = row[keep], pos[keep], layer[keep], latent[keep], value[keep]
+    lut = np.zeros(max(layers) + 1, dtype=np.int64)
+    width = np.zeros(max(layers) + 1, dtype=np.int64)
+    for ly in layers:
+        lut[ly], width[ly] = offsets[ly], width_by_layer[ly]
+    if len(row) and ((latent < 0).any() or (latent >= width[layer]).any()):
+        raise RefusalScopeError("a latent index lies outside its SAE's width")
+    if len(row) and ((row < 0).any() or (row >= n_rows).any()):
+        raise RefusalScopeError(f"a row index lies outside 0..{n_rows - 1}")
+    if len(row) and ((pos < -n_positions).any() or (pos >= 0).any()):
+        raise RefusalScopeError(f"a position lies outside -{n_positions}..-1")
+    feat_col = lut[layer] + latent
+    if mode == "max":
+        n_cols = total
+        key = row * n_cols + feat_col
+        order = np.lexsort((value, key))
+        key, value = key[order], value[order]
+        last = np.ones(len(key), dtype=bool)
+        last[:-1] = key[1:] != key[:-1]  # the largest value of each (row, column) comes last
+        key, value = key[last], value[last]
+        r, c = key // n_cols, key % n_cols
+        columns: list = [Feature(ly, j) for ly in layers for j in range(int(width_by_layer[ly]))]
+    else:
+        n_cols = total * n_positions
+        r, c = row, feat_col * n_positions + (pos + n_positions)
+        columns = [PositionedFeature(ly, j, p) for ly in layers for j in range(int(width_by_layer[ly]))
+                   for p in range(-n_positions, 0)]
+    X = sparse.csr_matrix((value.astype(np.float32), (r, c)), shape=(n_rows, n_cols), dtype=np.float32)
+    X.sum_duplicates()
+    return X, columns
+
+
+def keep_columns(X, columns: Sequence, train_rows: np.ndarray, always: Iterable = ()):
+    """Keep the columns non-zero in at least one training row, plus every column of the ``always`` features.
+
+    Returns (X_kept, kept_columns, report); the report counts the ``always`` features that are zero in every
+    training row (their FM embeddings stay untrained) and lists them as strings.
+    """
+    train_rows = np.asarray(train_rows, dtype=bool)
+    if train_rows.shape != (X.shape[0],):
+        raise RefusalScopeError(f"train_rows has shape {train_rows.shape}, expected ({X.shape[0]},)")
+    if len(columns) != X.shape[1]:
+        raise RefusalScopeError(f"{len(columns)} column keys for a matrix of {X.shape[1]} columns")
+    feats = column_features(columns)
+    always_set = sorted({Feature.of(f) for f in always})
+    known = set(feats)
+    unknown = [str(f) for f in always_set if f not in known]
+    if unknown:
+        raise RefusalScopeError(f"features {', '.join(unknown[:5])} are not columns of the matrix "
+                                "(wrong layer or latent)")
+    Xt = X.tocsr()[train_rows]
+    Xt.eliminate_zeros()
+    fired = np.bincount(Xt.indices, minlength=X.shape[1]) > 0
+    wanted = set(always_set)
+    in_always = np.fromiter((f in wanted for f in feats), dtype=bool, count=len(feats))
+    kept = np.flatnonzero(fired | in_always)
+    fired_feats = {f for f, hit in zip(feats, fired) if hit}
+    never = [f for f in always_set if f not in fired_feats]
+    report = {"n_columns_before": int(X.shape[1]), "n_columns_kept": int(len(kept)), "n_always": len(always_set),
+              "n_always_never_fire_in_train": len(never), "always_never_fire_in_train": [str(f) for f in never]}
+    return X.tocsr()[:, kept], [columns[i] for i in kept], report
+
+
+def feature_embeddings(emb, columns: Sequence) -> dict[Feature, torch.Tensor]:
+    """One embedding per feature from an FM's per-column embeddings (n_columns, k).
+
+    Our choice: a feature's embedding is the mean of the rows of its kept columns (its kept positions).
+    """
+    emb = torch.as_tensor(emb)
+    if emb.shape[0] != len(columns):
+        raise RefusalScopeError(f"{emb.shape[0]} embedding rows for {len(columns)} columns")
+    groups: dict[Feature, list[int]] = {}
+    for i, col in enumerate(columns):
+        groups.setdefault(feature_of_column(col), []).append(i)
+    return {f: emb[idx].mean(dim=0) for f, idx in groups.items()}

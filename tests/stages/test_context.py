@@ -1,0 +1,56 @@
+"""StageContext: identical sets generated once, the completion cache reused across contexts and processes, and
+cached completions equal to freshly generated ones."""
+
+from helpers import FakeJudge, random_sae
+from refusalscope.lm import inference
+from refusalscope.saes.features import Feature
+from refusalscope.stages import context as context_module
+from refusalscope.stages.context import CompletionCache, StageContext, set_key
+
+
+def _ctx(tiny_lm, cache):
+    saes = {layer: random_sae("relu", d=tiny_lm.d_model, m=24, layer=layer, seed=layer) for layer in (1, 2)}
+    return StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=4, batch_size=8, cache=cache)
+
+
+def _spy(monkeypatch):
+    rows = []
+    real = inference.generate
+
+    def spy(lm, instructions, **kw):
+        rows.append(len(instructions))
+        return real(lm, instructions, **kw)
+
+    monkeypatch.setattr(context_module, "generate", spy)
+    return rows
+
+
+def test_identical_sets_are_generated_once_and_cached(tiny_lm, tmp_path, monkeypatch):
+    rows = _spy(monkeypatch)
+    ctx = _ctx(tiny_lm, CompletionCache(tmp_path / "c.sqlite"))
+    a, b = [Feature(1, 3), Feature(2, 5)], [Feature(2, 7)]
+    first = ctx.judged("hi there", [a, b, list(reversed(a)), []])
+    assert rows == [3]  # a, b and the empty set; a reversed is the same set
+    assert first[0].completion == first[2].completion
+    again = ctx.judged("hi there", [b, a])
+    assert rows == [3] and [x.completion for x in again] == [first[1].completion, first[0].completion]
+    # another context on the same file (a resumed run, an analysis) generates nothing either
+    other = _ctx(tiny_lm, CompletionCache(tmp_path / "c.sqlite"))
+    assert [x.completion for x in other.judged("hi there", [a])] == [first[0].completion]
+    assert rows == [3]
+    # other generation settings are another key
+    other.max_new_tokens = 5
+    other.judged("hi there", [a])
+    assert rows == [3, 1]
+
+
+def test_cached_completion_equals_a_fresh_generation(tiny_lm, monkeypatch):
+    ctx = _ctx(tiny_lm, CompletionCache())
+    sets = [[Feature(1, 3)], [Feature(2, 5), Feature(1, 1)]]
+    cached = [x.completion for x in ctx.judged("Tell me a story.", sets)]
+    fresh = [x.completion for x in _ctx(tiny_lm, CompletionCache()).judged("Tell me a story.", sets)]
+    assert cached == fresh
+
+
+def test_set_key_is_canonical():
+    assert set_key([(2, 5), Feature(1, 3), "L2/5"]) == (Feature(1, 3), Feature(2, 5))

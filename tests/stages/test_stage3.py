@@ -1,0 +1,28 @@
+"""Stage 3: the rankings (pure), the causal link, and Stage 3 end to end on a tiny model (resumable, no retrain)."""
+
+import torch
+
+from refusalscope.saes.features import Feature
+from refusalscope.stages.stage3 import rank_by_fm, rank_by_probe
+
+
+def test_rank_by_fm_orders_by_cosine_to_the_anchors():
+    a, b = Feature(3, 1), Feature(4, 2)
+    near_a, near_b, far, unknown = Feature(5, 7), Feature(6, 8), Feature(2, 9), Feature(7, 7)
+    emb = {a: torch.tensor([1.0, 0.0, 0.0]), b: torch.tensor([0.0, 1.0, 0.0]),
+           near_a: torch.tensor([0.9, 0.1, 0.0]), near_b: torch.tensor([0.1, 0.5, 0.0]),
+           far: torch.tensor([0.0, 0.0, 1.0])}
+    ranked = rank_by_fm([far, near_b, near_a, unknown], [a, b], emb, "max")
+    assert [f for f, _ in ranked] == [near_a, near_b, far]  # unknown has no embedding: left out
+    assert abs(ranked[0][1] - 0.9 / (0.82 ** 0.5)) < 1e-9
+    # mean: near_b scores (cos to a + cos to b) / 2
+    mean = dict(rank_by_fm([near_a, near_b], [a, b], emb, "mean"))
+    cb = torch.nn.functional.normalize(emb[near_b], dim=0)
+    assert abs(mean[near_b] - float(cb[0] + cb[1]) / 2) < 1e-6
+    assert rank_by_fm([near_a], [], emb) == []
+
+
+def test_rank_by_probe_orders_by_weight_and_breaks_ties_by_feature():
+    w = {Feature(3, 1): 0.5, Feature(2, 1): 0.5, Feature(4, 4): 2.0}
+    ranked = rank_by_probe([Feature(3, 1), Feature(2, 1), Feature(4, 4), Feature(9, 9)], w)
+    assert [f for f, _ in ranked] == [Feature(4, 4), Feature(2, 1), Feature(3, 1)]
