@@ -154,6 +154,9 @@ class Stage3Options(BaseModel):
     positions: Literal["auto", "max", "positions"] = Field(
         "auto", description="how positions become columns: max over them, one column per position, or auto "
         "(train both, keep the better validation accuracy; the paper does not say)")
+    scale: Literal["column-max", "none"] = Field(
+        "column-max", description="input scaling: divide each column by its largest training value (our choice: "
+        "raw SAE activations of ~10 over thousands of columns saturate the FM's logits) or none")
     fm_k: int = Field(20, ge=1, description="FM embedding size (paper: 20; 5 and 50 in its ablation)")
     fm_lr: float = Field(1e-3, gt=0, description="FM Adam learning rate")
     fm_epochs: int = Field(20, ge=1, description="FM epochs (the best by validation accuracy is kept)")

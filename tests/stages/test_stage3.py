@@ -26,3 +26,16 @@ def test_rank_by_probe_orders_by_weight_and_breaks_ties_by_feature():
     w = {Feature(3, 1): 0.5, Feature(2, 1): 0.5, Feature(4, 4): 2.0}
     ranked = rank_by_probe([Feature(3, 1), Feature(2, 1), Feature(4, 4), Feature(9, 9)], w)
     assert [f for f, _ in ranked] == [Feature(4, 4), Feature(2, 1), Feature(3, 1)]
+
+
+def test_scale_columns_divides_by_the_training_max():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from refusalscope.stages.stage3 import scale_columns
+
+    X = sp.csr_matrix(np.array([[2.0, 0.0, 5.0], [4.0, 0.0, 0.0], [8.0, 3.0, 1.0]], dtype=np.float32))
+    train = np.array([True, True, False])
+    scaled = scale_columns(X, train).toarray()
+    np.testing.assert_allclose(scaled, [[0.5, 0.0, 1.0], [1.0, 0.0, 0.0], [2.0, 3.0, 0.2]])
+    assert scale_columns(X, train, "none") is X

@@ -232,6 +232,7 @@ def baseline(
     return table
 
 
+RECORD_FORMAT = 2  # bump when PromptRecord changes shape
 STAGE_KEYS = (
     "stages",
     "layers",
@@ -253,6 +254,7 @@ def stage_key(settings: RunSettings) -> dict:
     """The options a finished prompt's results depend on: a rerun with other values recomputes the prompt."""
     key = {k: v for k, v in settings.model_dump(mode="json").items() if k in STAGE_KEYS and v is not None}
     key["stages"] = [x for x in settings.stages if x in ("1", "2")]  # Stage 3 has its own files and key
+    key["record_format"] = RECORD_FORMAT  # files of an older layout are recomputed, not half-read
     return key
 
 

@@ -86,6 +86,20 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def scale_columns(X, train_rows: np.ndarray, how: str = "column-max"):
+    """Divide each column by its largest value over the training rows ("column-max"), or leave X as it is.
+
+    Columns that never fire in training (kept Stage-2 features) keep scale 1.
+    """
+    if how == "none":
+        return X
+    import scipy.sparse as sp
+
+    top = np.asarray(abs(X[train_rows]).max(axis=0).todense()).ravel()
+    top[top <= 0] = 1.0
+    return (X @ sp.diags(1.0 / top.astype(np.float32))).tocsr().astype(np.float32)
+
+
 def fm_layers(saes: Mapping[int, Sae], first_layer: int, last_layer: int) -> list[int]:
     layers = [layer for layer in sorted(saes) if first_layer <= layer <= last_layer]
     if not layers:
@@ -103,8 +117,8 @@ def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunS
     always = sorted(set(stage2_features))
     inputs = {"harmful": idata._prompts_hash(harmful), "harmless": idata._prompts_hash(harmless),
               "layers": layers, "stage2": [str(f) for f in always],
-              **opts.model_dump(mode="json", include={"first_layer", "n_positions", "positions", "fm_k", "fm_lr",
-                                                      "fm_epochs", "fm_batch_size", "seed"})}
+              **opts.model_dump(mode="json", include={"first_layer", "n_positions", "positions", "scale", "fm_k",
+                                                      "fm_lr", "fm_epochs", "fm_batch_size", "seed"})}
     if store.exists(MODELS_FILE) and store.exists(FM_FILE) and store.exists(PROBE_FILE):
         report = store.read_json(MODELS_FILE)
         if report.get("inputs") == _digest(inputs):
@@ -131,6 +145,7 @@ def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunS
     for mode in modes:
         X, columns = idata.combine(coo, len(table), layers, widths, mode=mode, n_positions=opts.n_positions)
         X, columns, kept = idata.keep_columns(X, columns, rows["train"], always)
+        X = scale_columns(X, rows["train"], opts.scale)
         fit = train_fm(X[rows["train"]], y[rows["train"]], X[rows["val"]], y[rows["val"]], cfg, progress=progress)
         fits[mode] = (fit, X, columns, kept)
         log.info("FM (%s): validation accuracy %.3f", mode, fit.val_accuracy)
