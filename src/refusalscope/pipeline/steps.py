@@ -347,22 +347,27 @@ def run_stage3_step(
         cache=cache,
     )
     key = {**stage_key(settings), "stage3": opts.model_dump(mode="json"), "models": models.report["inputs"]}
-    results = []
-    with tqdm(total=len(todo_records), desc="stage 3", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+
+    def finished(rec: PromptRecord):
+        name = Stage3Result.file_name(rec.id)
+        if not store.exists(name):
+            return None
+        try:
+            done = Stage3Result.model_validate(store.read_json(name))
+        except Exception:  # an older layout: recomputed
+            return None
+        return done if done.settings == key and done.prompt == rec.prompt else None
+
+    results = {rec.id: finished(rec) for rec in todo_records}
+    with tqdm(total=len(todo_records), initial=sum(r is not None for r in results.values()), desc="stage 3",
+              unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
         for rec in todo_records:
-            name = Stage3Result.file_name(rec.id)
-            done = None
-            if store.exists(name):
-                try:
-                    done = Stage3Result.model_validate(store.read_json(name))
-                except Exception:
-                    done = None
-                if done is not None and (done.settings != key or done.prompt != rec.prompt):
-                    done = None
-            if done is None:
-                chosen = rec.stage2.best()
-                done = run_stage3(ctx, rec.id, rec.prompt, chosen.features, chosen.tau, models, opts, key)
-                store.write_json(name, done.model_dump(mode="json"))
-            results.append(done)
+            if results[rec.id] is not None:
+                continue
+            chosen = rec.stage2.best()
+            done = run_stage3(ctx, rec.id, rec.prompt, chosen.features, chosen.tau, models, opts, key)
+            store.write_json(Stage3Result.file_name(rec.id), done.model_dump(mode="json"))
+            results[rec.id] = done
             bar.update(1)
+    results = [results[rec.id] for rec in todo_records]
     return results, models.report
