@@ -262,6 +262,10 @@ def _print_stage3(st3: dict) -> None:
     )
     for k, row in st3["probe_equal_k"].items():
         print(f"stage 3: K = {k}: FM {row['fm']}/{row['n']}, probe {row['probe']}/{row['n']}")
+    failed = st3.get("stage2_failed")
+    if failed and failed["n"]:
+        print(f"stage 3, prompts whose Stage-2 set alone did not jailbreak: FM {failed['fm']['jailbroken']}/"
+              f"{failed['n']}, probe {failed['probe']['jailbroken']}/{failed['n']}")
     c = st3["causal"]
     if c["n"]:
         print(

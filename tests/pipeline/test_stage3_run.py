@@ -63,6 +63,10 @@ def test_interactions_writes_stage3_and_resumes_without_retraining(stage12_run, 
     assert {"jailbroken", "best_k"} <= set(st3["fm"]) and "jailbroken" in st3["probe"]
     assert {"deactivated_frac", "mean_drop"} <= set(st3["causal"])
     assert set(st3["probe_equal_k"]) == {"2", "6"}
+    alone = {r["id"]: min((t for t in r["stage2"]["per_tau"] if t["jailbroken"] and t["features"]),
+                          key=lambda t: (len(t["features"]), -t["tau"]), default=None) is not None
+             for r in with_sets}
+    assert st3["stage2_failed"]["n"] == sum(not v for v in alone.values())
     assert summary["stage2"]  # Stages 1-2 results are kept
     table = pd.read_parquet(settings.out / "stage3.parquet")
     assert set(table.method) >= {"fm", "probe"}

@@ -112,7 +112,8 @@ def run_pipeline(settings: RunSettings, progress: bool = True) -> dict:
         results, report = steps.run_stage3_step(
             lm, all_saes, saes, judge, records, settings, store, ctx.cache, progress
         )
-        summary = write_stage3_results(store, results, report)
+        alone = {r.id: r.stage2.best().jailbroken for r in records if r.stage2 is not None}
+        summary = write_stage3_results(store, results, report, alone)
     return summary
 
 

@@ -113,23 +113,35 @@ def stage3_table(results) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=STAGE3_COLUMNS)
 
 
-def stage3_summary(results, report: dict, table: pd.DataFrame) -> dict:
-    """summary.json's ``stage3`` object: FM fit, FM and probe jailbreaks (at equal K), Stage-3 only, causal link."""
+def _equal_k(table: pd.DataFrame) -> dict:
+    out = {}
+    for k in sorted(table[table.method == "probe"].k.unique().tolist()):
+        fm_at = table[(table.method == "fm") & (table.k == k)]
+        pr_at = table[(table.method == "probe") & (table.k == k)]
+        out[str(k)] = {"fm": int(fm_at.jailbroken.sum()), "probe": int(pr_at.jailbroken.sum()), "n": int(len(pr_at))}
+    return out
+
+
+def stage3_summary(results, report: dict, table: pd.DataFrame, stage2_jailbroken: dict | None = None) -> dict:
+    """summary.json's ``stage3`` object: FM fit, FM and probe jailbreaks (at equal K), Stage-3 only, causal link;
+    ``stage2_failed`` repeats the counts over the prompts whose Stage-2 set did not jailbreak on its own (there the
+    added features must do the work)."""
     import numpy as np
 
     best = [r.best_k for r in results if r.best_k is not None]
-    probe_k = sorted(table[table.method == "probe"].k.unique().tolist())
-    equal_k = {}
-    for k in probe_k:
-        fm_at = table[(table.method == "fm") & (table.k == k)]
-        pr_at = table[(table.method == "probe") & (table.k == k)]
-        equal_k[str(k)] = {"fm": int(fm_at.jailbroken.sum()), "probe": int(pr_at.jailbroken.sum()),
-                           "n": int(len(pr_at))}
+    equal_k = _equal_k(table)
     probe_any = table[table.method == "probe"].groupby("id").jailbroken.any()
     causal = [r.causal for r in results if r.causal is not None]
     only = [r.stage3_only for r in results if r.stage3_only is not None]
+    failed = [r.id for r in results if stage2_jailbroken is not None and not stage2_jailbroken.get(r.id, False)]
+    sub = table[table.id.isin(failed)]
+    stage2_failed = {"n": len(failed),
+                     "fm": {"jailbroken": sum(r.best_k is not None for r in results if r.id in failed)},
+                     "probe": {"jailbroken": int(sub[sub.method == "probe"].groupby("id").jailbroken.any().sum())},
+                     "probe_equal_k": _equal_k(sub)}
     return {
         "n_prompts": len(results),
+        "stage2_failed": stage2_failed,
         "fm_test_accuracy": report["fm_test_accuracy"], "fm_test_auroc": report["fm_test_auroc"],
         "probe_test_accuracy": report["probe_test_accuracy"], "probe_test_auroc": report["probe_test_auroc"],
         "mode": report["mode"], "columns": report["columns"],
@@ -145,7 +157,7 @@ def stage3_summary(results, report: dict, table: pd.DataFrame) -> dict:
     }
 
 
-def write_stage3_results(store: RunStore, results, report: dict) -> dict:
+def write_stage3_results(store: RunStore, results, report: dict, stage2_jailbroken: dict | None = None) -> dict:
     """stage3.parquet, stage3.png and the ``stage3`` object of summary.json; returns the summary."""
     from refusalscope.stages.plots import plot_stage3
 
@@ -153,6 +165,6 @@ def write_stage3_results(store: RunStore, results, report: dict) -> dict:
     store.write_table("stage3.parquet", table)
     store.save_figure("stage3.png", plot_stage3(table, len(results)))
     summary = store.read_json("summary.json")
-    summary["stage3"] = stage3_summary(results, report, table)
+    summary["stage3"] = stage3_summary(results, report, table, stage2_jailbroken)
     store.write_json("summary.json", summary)
     return summary
