@@ -61,9 +61,12 @@ def plot_stage3(table: pd.DataFrame, n_prompts: int):
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for method, style in (("fm", "o-"), ("probe", "s--")):
-        sub = table[table.method == method].groupby("k").jailbroken.sum()
+        rows = table[table.method == method].groupby("k")
+        # the FM sweep stops at a prompt's first jailbreaking batch: plot only the K every prompt was judged at
+        full = rows.id.nunique()
+        sub = rows.jailbroken.sum()[full == full.max()] if len(full) else full
         if len(sub):
-            ax.plot(sub.index, sub.values, style, label=f"{method.upper()} ranking: jailbroken at K")
+            ax.plot(sub.index, sub.values, style, label=f"{method.upper()}: jailbroken at K (all prompts judged)")
     best = table[table.method == "fm"].groupby("id").apply(
         lambda g: g[g.jailbroken.astype(bool)].k.min(), include_groups=False).dropna()
     if len(best):
