@@ -80,25 +80,14 @@ def _print_table(frame, columns) -> None:
 def cmd_direction(args) -> int:
     from refusalscope.direction import run_direction
     from refusalscope.lm.loading import load_model
+    from refusalscope.pipeline.steps import run_record
     from refusalscope.store import RunStore
 
     settings: DirectionSettings = _settings(args, DirectionSettings, "direction")
     store = RunStore(settings.out)
     store.write_json("config.direction.json", settings.model_dump(mode="json"))
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_template=settings.chat_template)
-    store.write_json(
-        "run.json",
-        {
-            "model": settings.model,
-            "source": lm.source,
-            "device": settings.device,
-            "dtype": settings.dtype,
-            "chat_template": settings.chat_template,
-            "data_dir": settings.data_dir,
-            "refusal_tokens": list(lm.refusal_tokens),
-            "refusalscope": __version__,
-        },
-    )
+    store.write_json("run.json", run_record(settings, lm))
     summary = run_direction(lm, settings, store)
     table = store.read_table("direction_candidates.parquet")
     _print_table(
@@ -131,21 +120,11 @@ def cmd_direction(args) -> int:
 
 def cmd_asr(args) -> int:
     from refusalscope.asr import run_asr
-    from refusalscope.lm.loading import load_model
     from refusalscope.store import RunStore
 
     settings: AsrSettings = _settings(args, AsrSettings, "asr")
     store = RunStore(settings.run, create=False)
-    run = store.read_json("run.json")
-    device = settings.device if "device" in settings.model_fields_set else run.get("device", "auto")
-    dtype = settings.dtype if "dtype" in settings.model_fields_set else run.get("dtype", "auto")
-    lm = load_model(
-        run["model"],
-        device=device,
-        dtype=dtype,
-        chat_template=settings.chat_template or run.get("chat_template"),
-        refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None,
-    )
+    lm, run = _run_model(settings, store)
     summary = run_asr(lm, settings, store, data_dir=run.get("data_dir"))
     if settings.json_output:
         print(json.dumps({k: summary[k] for k in ("n", "asr", "refusal_rate", "degenerate_rate")}))

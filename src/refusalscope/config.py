@@ -161,12 +161,14 @@ class Stage3Options(BaseModel):
     fm_lr: float = Field(1e-3, gt=0, description="FM Adam learning rate")
     fm_epochs: int = Field(20, ge=1, description="FM epochs (the best by validation accuracy is kept)")
     fm_batch_size: int = Field(64, ge=1, description="FM minibatch size")
+    # our choice: max, since a redundant feature needs to pair with one Stage-2 feature, not all (paper: "cosine")
     score: Literal["max", "mean"] = Field(
         "max", description="a candidate's score: max or mean cosine to the prompt's active Stage-2 features")
     k_values: list[int] = Field(default_factory=lambda: list(range(100, 2001, 100)),
                                 description="K swept for the FM ranking (smallest jailbreaking K is kept)")
     probe_k: list[int] = Field(default_factory=lambda: [100, 500, 1000, 2000],
                                description="K for the probe ranking; the FM is judged at the same K")
+    # our choice: 5 K per batch with early stopping (the paper sweeps every K); set it to 20 for one batch
     k_chunk: int = Field(5, ge=1, description="K values of the sweep generated per batch (the sweep stops at "
                          "the first jailbreaking chunk)")
     seed: int = Field(0, description="seed of the harmless sample, the 80/10/10 split and the FM")
@@ -194,6 +196,7 @@ class RunSettings(ModelOptions):
     min_layer: int = Field(3, ge=0, description="lowest SAE layer used (the paper excludes layers 1–2)")
     k_step: int = Field(10, ge=1, description="Stage 1: K grows in steps of this")
     k_cap: int = Field(200, ge=1, description="Stage 1: largest K tried")
+    # our choice: 5 K per batch with early stopping (the paper sweeps every K); set it to 20 for one batch
     k_chunk: int = Field(5, ge=1, description="Stage 1: K values generated per batch")
     block: int = Field(5, ge=1, description="Stage 2: block size N")
     tau: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],

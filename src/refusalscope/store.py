@@ -6,6 +6,7 @@ Tables are Parquet (``pandas.read_parquet``), metadata JSON, tensors safetensors
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,6 +16,11 @@ import pandas as pd
 import torch
 
 from refusalscope.errors import RefusalScopeError
+
+
+def digest(obj) -> str:
+    """A short stable hash of a JSON-able value: how steps record the inputs their outputs depend on."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _umask() -> int:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refusalscope.asr import seen_prompts
-from refusalscope.config import InteractionSettings, RunSettings, Stage3Options
+from refusalscope.config import InteractionSettings, RunSettings, Stage3Options, parse_layers
 from refusalscope.data import check_disjoint, drop_overlap
 from refusalscope.direction import load_direction
 from refusalscope.errors import RefusalScopeError
@@ -44,7 +44,7 @@ def run_pipeline(settings: RunSettings, progress: bool = True) -> dict:
         refusal_tokens=tuple(settings.refusal_tokens) if settings.refusal_tokens else None,
     )
     if settings.layers:
-        steps.parse_layers(settings.layers, lm.n_layers)
+        parse_layers(settings.layers, lm.n_layers)
     store = RunStore(settings.out)
     steps.init_run(store, settings, lm)
     # 3. the refusal direction and 4. the SAE set (each computed once per run)

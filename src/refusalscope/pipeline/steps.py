@@ -7,7 +7,6 @@ make finished results inconsistent (a new refusal direction or SAE set under fin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -15,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from refusalscope import __version__
 from refusalscope.analysis.controls import run_controls
-from refusalscope.config import DirectionSettings, RunSettings, SaeTrainSettings, parse_layers  # noqa: F401 (parse_layers used by run)
+from refusalscope.config import DirectionSettings, RunSettings, SaeTrainSettings, parse_layers
 from refusalscope.data import PromptSet, load_prompts, resolve_data_dir
-from refusalscope.direction import run_direction
+from refusalscope.direction import load_direction, run_direction
 from refusalscope.errors import RefusalScopeError
 from refusalscope.judges import Judge, check_judge_name
 from refusalscope.lm.inference import generate
@@ -32,7 +32,7 @@ from refusalscope.saes.sae import Sae
 from refusalscope.stages.context import StageContext
 from refusalscope.stages.stage1 import run_stage1
 from refusalscope.stages.stage2 import run_stage2
-from refusalscope.store import RunStore
+from refusalscope.store import RunStore, digest
 
 log = logging.getLogger("refusalscope")
 
@@ -76,10 +76,6 @@ def preflight(settings: RunSettings) -> PromptSet:
     return load_prompts(settings.prompts, data_dir=data_dir, column=settings.column)
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def recorded_inputs(store: RunStore, step: str) -> dict | None:
     return store.read_json("steps.json").get(step) if store.exists("steps.json") else None
 
@@ -93,11 +89,9 @@ def record_inputs(store: RunStore, step: str, inputs: dict) -> None:
 # ---- steps --------------------------------------------------------------------------------------------------------
 
 
-def init_run(store: RunStore, settings: RunSettings, lm: LoadedModel) -> dict:
-    """Write run.json for a new run (an existing one was checked by ``preflight``)."""
-    if store.exists("run.json"):
-        return store.read_json("run.json")
-    run = {
+def run_record(settings, lm: LoadedModel) -> dict:
+    """run.json: the model a run was made with and how it was loaded (written by ``direction`` and ``run``)."""
+    return {
         "model": settings.model,
         "source": lm.source,
         "device": settings.device,
@@ -107,6 +101,13 @@ def init_run(store: RunStore, settings: RunSettings, lm: LoadedModel) -> dict:
         "refusal_tokens": list(lm.refusal_tokens),
         "refusalscope": __version__,
     }
+
+
+def init_run(store: RunStore, settings: RunSettings, lm: LoadedModel) -> dict:
+    """Write run.json for a new run (an existing one was checked by ``preflight``)."""
+    if store.exists("run.json"):
+        return store.read_json("run.json")
+    run = run_record(settings, lm)
     store.write_json("run.json", run)
     return run
 
@@ -206,7 +207,7 @@ def baseline(
     """Step: every prompt's unablated completion and verdict; recomputed when the prompts, the judge, the token
     budget or the dtype change."""
     inputs = {
-        "prompts": _digest(list(prompts)),
+        "prompts": digest(list(prompts)),
         "judge": settings.judge,
         "max_new_tokens": settings.max_new_tokens,
         "dtype": str(lm.dtype),
@@ -312,9 +313,8 @@ def run_stage3_step(
     progress: bool = True,
 ) -> tuple[list, dict]:
     """Step: Stage 3 (``stages.stage3``) on every prompt with a Stage-2 set; resumable per prompt."""
-    from refusalscope.direction import load_direction
+    # imported here: Stage 3 pulls in scipy and scikit-learn, which Stages 1-2 never need
     from refusalscope.stages.stage3 import Stage3Result, fit_interaction_models, fm_layers, run_stage3
-    from tqdm.auto import tqdm
 
     opts = settings.stage3
     todo_records = stage3_prompts(records)

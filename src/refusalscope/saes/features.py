@@ -107,5 +107,5 @@ def active_features(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], featu
         for j, latent in enumerate(ids):
             v = float(zmax[j])
             if wanted is not None or v > 0:
-                out[(layer, int(latent))] = v
+                out[Feature(layer, int(latent))] = v
     return out

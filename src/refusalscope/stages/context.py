@@ -146,5 +146,4 @@ class StageContext:
     def activations(self, prompt: str, features: Iterable[Feature] | None = None,
                     ablate: Iterable[Feature] = ()) -> dict[Feature, float]:
         """Max activation over the prompt's positions (only firing features when ``features`` is None)."""
-        acts = active_features(self.lm, prompt, self.saes, features, ablate=ablate)
-        return {Feature(*f): v for f, v in acts.items()}
+        return active_features(self.lm, prompt, self.saes, features, ablate=ablate)

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +34,7 @@ from refusalscope.stages import interaction_data as idata
 from refusalscope.stages.context import StageContext
 from refusalscope.stages.fm import FactorizationMachine, FmConfig, evaluate_fm, fm_embeddings, train_fm
 from refusalscope.stages.probe import evaluate_probe, train_probe
-from refusalscope.store import RunStore
+from refusalscope.store import RunStore, digest
 
 log = logging.getLogger("refusalscope")
 
@@ -82,10 +80,6 @@ def _models_from(fm_t: Mapping[str, torch.Tensor], probe_t: Mapping[str, torch.T
     return InteractionModels(emb, weights, report)
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def scale_columns(X, train_rows: np.ndarray, how: str = "column-max"):
     """Divide each column by its largest value over the training rows ("column-max"), or leave X as it is.
 
@@ -115,13 +109,13 @@ def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunS
     harmless = load_prompts(opts.harmless, data_dir=data_dir).texts
     layers = list(saes)
     always = sorted(set(stage2_features))
-    inputs = {"harmful": idata._prompts_hash(harmful), "harmless": idata._prompts_hash(harmless),
+    inputs = {"harmful": digest(list(harmful)), "harmless": digest(list(harmless)),
               "layers": layers, "stage2": [str(f) for f in always],
               **opts.model_dump(mode="json", include={"first_layer", "n_positions", "positions", "scale", "fm_k",
                                                       "fm_lr", "fm_epochs", "fm_batch_size", "seed"})}
     if store.exists(MODELS_FILE) and store.exists(FM_FILE) and store.exists(PROBE_FILE):
         report = store.read_json(MODELS_FILE)
-        if report.get("inputs") == _digest(inputs):
+        if report.get("inputs") == digest(inputs):
             fm_t, _ = store.read_tensors(FM_FILE)
             probe_t, _ = store.read_tensors(PROBE_FILE)
             return _models_from(fm_t, probe_t, report)
@@ -155,7 +149,7 @@ def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunS
     probe = train_probe(X[rows["train"]], y[rows["train"]], X[rows["val"]], y[rows["val"]], seed=opts.seed)
     probe_test = evaluate_probe(probe, X[rows["test"]], y[rows["test"]])
     report = {
-        "inputs": _digest(inputs), "mode": mode, "layers": layers, "n_rows": len(table),
+        "inputs": digest(inputs), "mode": mode, "layers": layers, "n_rows": len(table),
         "n_train": int(rows["train"].sum()), "n_val": int(rows["val"].sum()), "n_test": int(rows["test"].sum()),
         "fm_val_accuracy": fit.val_accuracy, "fm_best_epoch": fit.best_epoch,
         "fm_test_accuracy": fm_test["accuracy"], "fm_test_auroc": fm_test["auroc"],
