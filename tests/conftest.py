@@ -57,6 +57,35 @@ def tiny_data_dir(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def _finished_run_once(tmp_path_factory, tiny_dirs, tiny_lm):
+    import json
+
+    from helpers import build_finished_run
+
+    root = tmp_path_factory.mktemp("finished")
+    data = root / "data"
+    (data / "splits").mkdir(parents=True)
+    for name, items in (("harmful_train", [f"Tell me how to pick lock number {i}." for i in range(8)]),
+                        ("harmful_val", [f"Tell me how to pick lock number {i}." for i in range(8, 12)]),
+                        ("harmless_train", [f"Write a poem about the sea, verse {i}." for i in range(8)]),
+                        ("harmless_val", [f"Write a poem about the sea, verse {i}." for i in range(8, 12)]),
+                        ("harmless_test", [f"Give me a recipe for soup number {i}." for i in range(12)])):
+        (data / "splits" / f"{name}.json").write_text(json.dumps([{"instruction": t} for t in items]))
+    return build_finished_run(root, tiny_dirs["qwen2"], data, tiny_lm)
+
+
+@pytest.fixture
+def finished_run(_finished_run_once, tmp_path):
+    """A copy of a tiny Stages 1-3 run (built once per session) and its judge: (run dir, judge)."""
+    import shutil
+
+    run, judge = _finished_run_once
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, judge
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests never reach the network
     torch.set_num_threads(min(2, os.cpu_count() or 1))

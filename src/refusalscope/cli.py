@@ -263,6 +263,19 @@ def cmd_interactions(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from refusalscope.analysis.registry import analysis_module, output_dir, run_analysis
+    from refusalscope.config import ANALYSIS_SETTINGS
+
+    name = args.analysis
+    settings = _settings(args, ANALYSIS_SETTINGS[name], f"analyze.{name}")
+    summary = run_analysis(name, settings)
+    for line in analysis_module(name).summary_lines(summary):
+        print(line)
+    print(f"results in {settings.run / output_dir(name)}/")
+    return 0
+
+
 def cmd_models(args) -> int:
     from refusalscope.lm.registry import MODELS
 
@@ -306,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sae.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         add_settings_arguments(p, cls)
         p.set_defaults(func=func)
+    from refusalscope.config import ANALYSIS_SETTINGS
+
+    analyze = sub.add_parser("analyze", help="analyses of a finished run (hydra, controls, ce, clamp, taxonomy, "
+                             "explain)").add_subparsers(dest="analysis", required=True)
+    for name, cls in ANALYSIS_SETTINGS.items():
+        p = analyze.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
+        add_settings_arguments(p, cls)
+        p.set_defaults(func=cmd_analyze)
     for name, func, text in (
         ("models", cmd_models, "list the model registry"),
         ("datasets", cmd_datasets, "list the named prompt sets"),

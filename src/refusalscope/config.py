@@ -224,6 +224,113 @@ class InteractionSettings(_RunOptions, Stage3Options):
     """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
 
 
+# ---- analyses (``refusalscope analyze NAME --run RUN``; TOML tables [analyze] and [analyze.NAME]) ----------------
+
+class AnalyzeSettings(_RunOptions):
+    """Options every analysis shares; unset ones take the run's own value."""
+
+    judge: str | None = Field(None, description="judge of generated completions (default: the run's)")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens generated per completion (default: the "
+                                       "run's, so completions the stages generated are reused)")
+    limit: int | None = Field(None, ge=1, description="analyse only the first N of the run's prompts")
+    seed: int = Field(0, description="random seed of the analysis' random choices")
+
+
+class HydraOptions(BaseModel):
+    """Dormant ("hydra") features (paper, "Redundant Features", Fig. 2).
+
+    Pipeline features inactive on the prompt, what switches them on, and the graph of which ablation wakes which."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sets: list[Literal["stage2", "stage3"]] = Field(default_factory=lambda: ["stage2", "stage3"],
+                                                    description="feature sets examined (stage3 when the run has it)")
+
+
+class ObrienOptions(BaseModel):
+    """Controls (paper, Fig. 6): random active features and the O'Brien et al. baseline.
+
+    Equal-size random active features are tabulated from the run; the baseline ablates every feature active on at
+    least k prompt tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k_values: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16],
+                                description="k swept: features active on at least k prompt tokens are ablated")
+
+
+class CeOptions(BaseModel):
+    """CE loss (paper, Table 9): the cost of the ablations in model quality.
+
+    Next-token cross-entropy on harmless instructions (the model's own completions as targets) and on general
+    English prose, for the baseline, direction ablation and per-prompt feature ablation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_instructions: int = Field(100, ge=1, description="harmless instructions (harmless_test)")
+    n_prose: int = Field(100, ge=1, description="prose passages")
+
+
+class ClampOptions(BaseModel):
+    """Clamping (paper, Tables 5/6): the redundant features clamped to fixed values on benign prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    values: list[float] = Field(default_factory=lambda: [2.0, 4.0, 6.0, 8.0, 10.0],
+                                description="values the features are clamped to")
+    n_prompts: int = Field(5, ge=1, description="benign prompts (harmless_test)")
+
+
+class TaxonomyOptions(BaseModel):
+    """Taxonomy mapping (paper, Fig. 3): the CoCoNot unsafe categories on whose prompts each feature fires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["subcategory", "category"] = Field(
+        "subcategory", description="CoCoNot label used as the category")
+
+
+class ExplainOptions(BaseModel):
+    """Feature explanations (paper, Tables 4, 7, 8, 10, 11).
+
+    Neuronpedia, local top-activating contexts, an optional LLM explainer, and an offline one-line fallback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_contexts: int = Field(5, ge=1, description="top-activating contexts kept per feature")
+
+
+class HydraSettings(AnalyzeSettings, HydraOptions):
+    """Dormant ("hydra") features: which pipeline features are inactive, and which ablations wake them."""
+
+
+class ControlsSettings(AnalyzeSettings, ObrienOptions):
+    """Controls: equal-size random active features and the O'Brien et al. active-feature baseline (ASR vs k)."""
+
+
+class CeSettings(AnalyzeSettings, CeOptions):
+    """CE loss of the model on harmless instructions and English prose, with and without the ablations."""
+
+
+class ClampSettings(AnalyzeSettings, ClampOptions):
+    """Clamp the redundant features on benign prompts and judge the completions."""
+
+
+class TaxonomySettings(AnalyzeSettings, TaxonomyOptions):
+    """Map each pipeline feature to the CoCoNot unsafe categories it fires on; compare with random features."""
+
+
+class ExplainSettings(AnalyzeSettings, ExplainOptions):
+    """Explain every feature the run found: Neuronpedia, local top contexts, an LLM explainer or a fallback."""
+
+
+# analysis name -> its settings class (the CLI's `analyze` subcommands, the [analyze.NAME] TOML tables)
+ANALYSIS_SETTINGS: dict[str, type[AnalyzeSettings]] = {
+    "hydra": HydraSettings, "controls": ControlsSettings, "ce": CeSettings, "clamp": ClampSettings,
+    "taxonomy": TaxonomySettings, "explain": ExplainSettings,
+}
+
+
 def read_text_or_value(value: str | None) -> str | None:
     """The file's text when ``value`` names a file, else ``value`` itself (a template given inline)."""
     if not value:
@@ -256,7 +363,10 @@ def read_toml(path: str | Path | None, command: str) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise RefusalScopeError(f"config file {p} is not valid TOML: {e}") from None
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    table = data.get(command.replace("-", "_"), {})
+    head, _, sub = command.replace("-", "_").partition(".")
+    table = data.get(head, {})
+    if sub:  # [analyze.hydra]: the [analyze] table's own keys, then the sub-table's
+        table = {**{k: v for k, v in table.items() if not isinstance(v, dict)}, **table.get(sub, {})}
     if command == "run":
         for field, name in RUN_SUBSTEPS.items():
             shared = {k: v for k, v in data.get(name, {}).items() if k in _SUBSTEP_FIELDS[field]}
@@ -352,12 +462,18 @@ def _example_table(cls: type[BaseModel], skip: set[str]) -> list[str]:
     return lines
 
 
+def _analysis_options(cls: type[AnalyzeSettings]) -> type[BaseModel]:
+    """The options model of one analysis (the base of its settings class that is not ``AnalyzeSettings``)."""
+    return next(b for b in cls.__bases__ if b is not AnalyzeSettings)
+
+
 def example_toml() -> str:
     """Every option of every command with its default, commented: the text of refusalscope.example.toml."""
     out = ["# refusalscope options: pass with --config FILE. Flags beat REFUSALSCOPE_* environment variables, which",
            "# beat this file. Keys at the top level apply to every command that has them; a table applies to one",
            "# command ([run], [direction], ...). [run.direction], [run.sae-train] and [run.stage3] set the options",
            "# of those steps inside `refusalscope run`; a top-level [direction] or [sae-train] table sets them too.",
+           "# [analyze] holds options every analysis shares; [analyze.NAME] those of `refusalscope analyze NAME`.",
            "# Generated from refusalscope.config (python -c 'import refusalscope.config as c; "
            "print(c.example_toml())').", ""]
     common = set(ModelOptions.model_fields)
@@ -367,7 +483,9 @@ def example_toml() -> str:
                                                        ("stage3", Stage3Options))),
                                  ("direction", DirectionSettings, ()), ("sae-train", SaeTrainSettings, ()),
                                  ("sae-eval", SaeEvalSettings, ()), ("asr", AsrSettings, ()),
-                                 ("interactions", InteractionSettings, ())):
+                                 ("interactions", InteractionSettings, ()), ("analyze", AnalyzeSettings, ()),
+                                 *((f"analyze.{name}", _analysis_options(cls), ())
+                                   for name, cls in ANALYSIS_SETTINGS.items())):
         out += ["", f"[{command}]", f"# {(cls.__doc__ or '').strip().splitlines()[0]}"]
         skip = common | ({"direction", "sae_train", "stage3"} if nested else set())
         if command in ("direction", "sae-train", "interactions"):
