@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sequential-taus", default="0.1,0.5")
     ap.add_argument("--sequential-seeds", default=None, help="seeds for the reference run (default: --seeds)")
+    ap.add_argument("--skip-inactive", action="store_true", help="also time Stage 2 with the chain steps whose "
+                    "block did not fire skipped (stage2.build_chains_skipping) and check it keeps the same sets")
     args = ap.parse_args()
     device = torch.device(args.device)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -73,7 +75,10 @@ def main() -> None:
         prompt = refused[args.nth]
         ranked = ranked_latents(saes, direction, 200)
         t0 = time.perf_counter()
-        r1 = run_stage1(lm, prompt, saes, ranked, judge, step=10, cap=200, chunk=5, max_new_tokens=48)
+        from refusalscope.stages.context import StageContext
+
+        ctx = StageContext(lm, saes, judge, max_new_tokens=48)
+        r1 = run_stage1(ctx, prompt, ranked, step=10, cap=200, chunk=5)
         t_stage1 = time.perf_counter() - t0
         cands = r1.features
         out.update(prompt=prompt, stage1_k=r1.k, stage1_jailbroken=r1.jailbroken, stage1_s=round(t_stage1, 2))
@@ -90,7 +95,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (1, args.tokens), generator=g).to(device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        token_ids = [235285]  # Gemma's "I"
+        token_ids = [min(235285, vocab - 1)]  # Gemma's "I" (any token of a smaller vocabulary)
         out.update(shape=args.random_shape, width=args.width, layers=f"3-{n_layers - 1}", tokens=args.tokens)
 
     forwards = {"n": 0}
@@ -115,6 +120,20 @@ def main() -> None:
     out.update(candidates=len(cands), seeds=seeds, taus=TAUS, stage2_batched_s=round(t_batched, 3),
                stage2_sets_scored=forwards["n"],
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
+    if args.skip_inactive:
+        from refusalscope.stages.scoring import SetScorer
+        from refusalscope.stages.stage2 import build_chains_skipping
+
+        sync(device)
+        t0 = time.perf_counter()
+        scorer = SetScorer(model, n_layers, batch, token_ids, saes, cands, batch_size=args.batch_size, share=args.share)
+        chains, stats = build_chains_skipping(cands, lambda m: scorer(m, fired=True), seeds, batch_size=args.batch_size)
+        sync(device)
+        t_skip = time.perf_counter() - t0
+        out.update(stage2_skipping_s=round(t_skip, 3), stage2_skipping_sets_scored=stats["scored"],
+                   stage2_skipping_steps_skipped=stats["skipped"],
+                   skipping_same_sets=all(c.kept(t) == kept[(t, c.seed)] for c in chains for t in TAUS),
+                   speedup_skipping=round(t_batched / t_skip, 2))
     if seq_taus:
         forwards["n"] = 0
         sync(device)

@@ -86,6 +86,31 @@ def finished_run(_finished_run_once, tmp_path):
     return copy, judge
 
 
+@pytest.fixture
+def analysed_run(finished_run):
+    """The finished tiny run with made-up results of every analysis (helpers.add_fake_analyses, injection strings
+    included): (run dir, judge, info)."""
+    from helpers import add_fake_analyses
+
+    run, judge = finished_run
+    return run, judge, add_fake_analyses(run)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for Playwright, installed when missing and possible; the test skips when it can't be had."""
+    from helpers import chromium_executable
+
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install -e '.[test]'")
+    path = chromium_executable()
+    if path is None:
+        pytest.skip("chromium is not installed and could not be installed (apt-get install chromium, as root)")
+    return path
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests never reach the network
     torch.set_num_threads(min(2, os.cpu_count() or 1))

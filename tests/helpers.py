@@ -185,3 +185,312 @@ def build_finished_run(root: Path, model_dir: Path, data_dir: Path, lm) -> tuple
         mp.setattr(pipeline, "make_judge", lambda spec: judge)
         pipeline.run_pipeline(settings, progress=False)
     return root / "run", judge
+
+
+# --- local HTTP servers that mimic remote APIs (Neuronpedia, chat endpoints); no test touches the network --------
+
+class Reply:
+    """What a mock server answers: status, body (bytes, str, or JSON-able), headers, and a delay before it."""
+
+    def __init__(self, status: int = 200, body=b"", headers: Mapping[str, str] | None = None, delay: float = 0.0):
+        import json
+
+        if isinstance(body, (dict, list)):
+            body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+        self.status, self.body = status, body.encode() if isinstance(body, str) else body
+        self.headers, self.delay = dict(headers or {}), delay
+
+
+class MockServer:
+    """An HTTP server on 127.0.0.1 (a free port) in a thread, as a context manager. ``handler(request) -> Reply``
+    sees each request as a dict (method, path, query, headers, body, json); all are kept in ``requests``."""
+
+    def __init__(self, handler: Callable[[dict], Reply]):
+        self.handler = handler
+        self.requests: list[dict] = []
+
+    def __enter__(self) -> "MockServer":
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self):
+                parts = urlsplit(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    parsed = json.loads(body) if body else None
+                except ValueError:
+                    parsed = None
+                req = {"method": self.command, "path": parts.path, "query": {k: v[0] for k, v in
+                                                                             parse_qs(parts.query).items()},
+                       "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "json": parsed}
+                server.requests.append(req)
+                reply = server.handler(req)
+                time.sleep(reply.delay)
+                try:
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
+                    pass
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def free_port_url() -> str:
+    """The URL of a port on 127.0.0.1 that nothing listens on (an endpoint that is down)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def chat_reply(content: str) -> Reply:
+    """An OpenAI-compatible chat completion whose first choice says ``content``."""
+    return Reply(body={"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
+
+
+# --- fake analyses for the report and the annotation app (with injection strings) -------------------------------
+
+INJECT_SCRIPT = "<script>window.__pwned = 1</script>"
+INJECT_IMG = '"><img src=x onerror="window.__pwned = 2">'
+INJECTION = f"{INJECT_SCRIPT} {INJECT_IMG}"
+FAKE_CATEGORIES = ["copyright violations", "dangerous or sensitive topics", "misinformation", "privacy violations",
+                   "triggers for offensive language", "wildchats"]
+
+
+def _fake_png(path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1, 2], [0, 1, 0])
+    ax.set_title(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=60)
+    plt.close(fig)
+
+
+def add_fake_analyses(run: Path, *, n_random: int = 30, seed: int = 0, injection: str = INJECTION) -> dict:
+    """Write made-up results of every analysis (hydra, controls, ce, clamp, taxonomy, explain) into a finished run
+    (the ``finished_run`` fixture's copy), so the report has every section and the annotation app has features,
+    labels and explanations. ``injection`` is put into a prompt, a baseline completion, a clamped completion, an
+    explanation and a context token. The taxonomy's labels are random but seeded; random_inactive features fire on
+    no category. Returns {"labels": feature → categories, "groups": feature → group, "injected_feature"}."""
+    import json
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    run = Path(run)
+    a = run / "analyses"
+
+    def write_json(name: str, obj) -> None:
+        (a / name).parent.mkdir(parents=True, exist_ok=True)
+        (a / name).write_text(json.dumps(obj, indent=2))
+
+    def write_table(name: str, rows) -> None:
+        (a / name).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(a / name, index=False)
+
+    # injection into the first prompt and its baseline completion
+    first = sorted((run / "prompts").glob("*.json"))[0]
+    rec = json.loads(first.read_text())
+    rec["prompt"] = f"{rec['prompt']} {injection}"
+    first.write_text(json.dumps(rec))
+    base = pd.read_parquet(run / "baseline.parquet")
+    base.loc[base["id"] == rec["id"], "prompt"] = rec["prompt"]
+    base.loc[base["id"] == rec["id"], "completion"] = f"Sure. {injection}"
+    base.to_parquet(run / "baseline.parquet", index=False)
+
+    # the features: the run's pipeline features, then random ones of the tiny SAEs (layers 0-3, 48 latents)
+    groups: dict[str, str] = {}
+    for p in sorted((run / "prompts").glob("*.json")):
+        r = json.loads(p.read_text())
+        for layer, latent in r["stage1"]["features"]:
+            groups.setdefault(f"L{layer}/{latent}", "stage1")
+        for t in (r.get("stage2") or {}).get("per_tau", []):
+            for layer, latent in t["features"]:
+                groups[f"L{layer}/{latent}"] = "stage2"
+    for p in sorted((run / "stage3" / "prompts").glob("*.json")):
+        r = json.loads(p.read_text())
+        for layer, latent in r["fm_ranking"][:r.get("best_k") or 0]:
+            groups.setdefault(f"L{layer}/{latent}", "stage3")
+    others = [f"L{layer}/{latent}" for layer in range(4) for latent in range(48) if f"L{layer}/{latent}" not in groups]
+    rng.shuffle(others)
+    for f in others[:n_random]:
+        groups[f] = "random_active"
+    for f in others[n_random:2 * n_random]:
+        groups[f] = "random_inactive"
+    labels = {f: ([] if g == "random_inactive" else sorted(rng.sample(FAKE_CATEGORIES, rng.randint(0, 3))))
+              for f, g in groups.items()}
+    rows = [{"feature": f, "layer": int(f[1:].split("/")[0]), "latent": int(f.split("/")[1]), "group": g,
+             "categories": labels[f], "n_categories": len(labels[f])} for f, g in sorted(groups.items())]
+    write_table("taxonomy/features.parquet", rows)
+    write_table("taxonomy/counts.parquet", [
+        {"category": c, "group": g, "features": sum(c in labels[f] for f in groups if groups[f] == g)}
+        for c in FAKE_CATEGORIES for g in sorted(set(groups.values()))])
+    write_json("taxonomy/summary.json", {"analysis": "taxonomy", "categories": FAKE_CATEGORIES,
+                                         "n_features": len(rows), "options": {"level": "subcategory"}})
+    _fake_png(a / "taxonomy/taxonomy.png", "taxonomy")
+
+    injected = sorted(f for f, g in groups.items() if g == "stage2")[0]
+    explanations = {}
+    for f, g in sorted(groups.items()):
+        tokens = ["Tell", " me", " how", " to", " pick", " a", " lock", "."]
+        if f == injected:
+            tokens[4] = injection
+        contexts = []
+        for j in range(6):
+            acts = [round(rng.random(), 3) for _ in tokens]
+            top = max(range(len(acts)), key=lambda i: acts[i])
+            contexts.append({"tokens": tokens, "activations": acts, "top_index": top, "top_token": tokens[top],
+                             "top_value": acts[top], "prompt": "".join(tokens)})
+        text = injection if f == injected else f"requests about {', '.join(labels[f]) or 'nothing unsafe'}"
+        explanations[f] = {"feature": f, "text": text, "source": "fallback", "groups": [g], "contexts": contexts}
+    write_json("explain/explanations.json", {"features": explanations})
+    write_json("explain/summary.json", {"analysis": "explain", "n_features": len(explanations),
+                                        "sources": {"fallback": len(explanations)}, "options": {"n_contexts": 6}})
+    write_table("explain/top_terms.parquet", [{"feature": f, "term": "lock", "weight": 1.0} for f in
+                                              sorted(explanations)[:5]])
+    write_table("explain/themes.parquet", [{"theme": "locks", "features": 5, "example": injection}])
+
+    pipeline = sorted(f for f, g in groups.items() if g.startswith("stage"))
+    write_json("hydra/summary.json", {"analysis": "hydra", "n_dormant": 2, "n_woken": 1, "first_token_share": 0.5,
+                                      "options": {"sets": ["stage2"], "judge": None}})
+    write_table("hydra/woken.parquet", [{"id": 0, "feature": pipeline[0], "woken_by": pipeline[1]}])
+    write_table("hydra/segments.parquet", [{"segment": s, "share": v} for s, v in
+                                           (("first token", 0.5), ("instruction", 0.3), ("template", 0.2))])
+    write_table("hydra/jailbreak.parquet", [{"id": 0, "jailbroken": True, "size": 3}])
+    _fake_png(a / "hydra/graph.png", "hydra graph")
+    write_json("controls/summary.json", {"analysis": "controls", "random": {"jailbroken": 0, "n": 3},
+                                         "options": {"k_values": [1, 2]}})
+    write_table("controls/obrien_asr.parquet", [{"k": k, "n_features": 40 // k, "asr": 0.1 * k} for k in (1, 2, 4)])
+    write_table("controls/random.parquet", [{"id": 0, "size": 3, "jailbroken": False, "completion": "No."}])
+    _fake_png(a / "controls/obrien.png", "obrien")
+    write_json("ce/summary.json", {"analysis": "ce", "options": {"n_instructions": 4}})
+    write_table("ce/ce_table.parquet", [{"condition": c, "instructions": 2.0 + i, "prose": 3.0 + i}
+                                        for i, c in enumerate(["baseline", "direction", "stage2"])])
+    write_json("clamp/summary.json", {"analysis": "clamp", "options": {"values": [2.0, 4.0]}})
+    write_table("clamp/refusal_rates.parquet", [{"value": v, "refusal_rate": v / 10} for v in (2.0, 4.0)])
+    write_table("clamp/completions.parquet", [{"value": 2.0, "prompt": "Give me soup.", "completion": injection}])
+    _fake_png(a / "clamp/clamp.png", "clamp")
+    return {"labels": labels, "groups": groups, "injected_feature": injected}
+
+
+def chromium_executable() -> str | None:
+    """Debian's chromium for the browser tests, installed with apt-get when missing and possible; None otherwise."""
+    import os
+    import shutil
+    import subprocess
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, capture_output=True,
+                       timeout=900)
+        path = shutil.which("chromium")
+    return path
+
+
+class AnnotateServer:
+    """``refusalscope annotate RUN --port 0 ...`` in a subprocess, as a context manager: ``url`` once it listens;
+    ``stop()`` ends it (and the exit of the ``with`` block)."""
+
+    def __init__(self, run: Path, *args: str, timeout: float = 120):
+        import queue
+        import subprocess
+        import sys
+        import threading
+        import time
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "refusalscope.cli", "annotate", str(run), "--port", "0",
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + timeout
+        self.url = None
+        while self.url is None:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"the annotation app did not start in {timeout} s: {self.lines}") from None
+            self.lines.append(line)
+            if "http://" in line:
+                self.url = line.split("http://", 1)[1].split()[0].rstrip("/")
+                self.url = f"http://{self.url}/"
+            elif self.proc.poll() is not None and lines.empty():
+                raise RuntimeError(f"the annotation app exited: {self.lines}")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+    def __enter__(self) -> "AnnotateServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """GET (or POST ``payload`` as JSON to) ``url`` on loopback: (status, JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def artifact_dir(tmp_path: Path) -> Path:
+    """Where browser tests put screenshots: $REFUSALSCOPE_ARTIFACTS (e.g. the git-ignored artifacts/) or the
+    test's tmp dir; never committed."""
+    import os
+
+    out = Path(os.environ.get("REFUSALSCOPE_ARTIFACTS") or tmp_path / "artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

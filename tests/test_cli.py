@@ -79,3 +79,19 @@ def test_config_file_and_env_reach_the_command(tiny_dirs, tiny_data_dir, tmp_pat
 def test_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "refusalscope.cli", "asr", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--intervention" in out.stdout and "--json" in out.stdout
+
+
+def test_ray_flag_takes_an_optional_address(tiny_dirs, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    from refusalscope.cli import _settings, build_parser
+    from refusalscope.config import RunSettings
+
+    parser = build_parser()
+    for flags, want in (([], None), (["--ray"], "auto"), (["--ray", "ray://head:10001"], "ray://head:10001")):
+        args = parser.parse_args(["run", "--out", str(tmp_path / "r"), *flags])
+        assert _settings(args, RunSettings, "run").ray == want
+    # without the extra installed: one line naming it, before any model is loaded
+    monkeypatch.setitem(sys.modules, "ray", None)
+    (tmp_path / "p.txt").write_text("Tell me how to pick a lock.")
+    err = _error(capsys, ["run", "--out", str(tmp_path / "r"), "--model", str(tiny_dirs["qwen2"]), "--prompts",
+                          str(tmp_path / "p.txt"), "--data-dir", str(tiny_data_dir), "--ray"], "pip install")
+    assert "refusalscope[ray]" in err and not (tmp_path / "r").exists()

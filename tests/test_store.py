@@ -186,3 +186,19 @@ def test_corrupt_binary_files(store, reader, name):
     store.path(name).write_bytes(b"junk")
     with pytest.raises(RefusalScopeError):
         getattr(store, reader)(name)
+
+
+def test_portable_writes_paths_inside_the_run_relative_to_it(tmp_path):
+    store = RunStore(tmp_path / "run")
+    outside = str(tmp_path / "data")
+    value = {"out": str(store.root), "saes": str(store.path("saes/layer_1")), "data_dir": outside,
+             "list": [str(store.root / "a.txt"), 3, None], "prompt": "Tell me how to pick a lock."}
+    portable = store.portable(value)
+    assert portable == {"out": "run:.", "saes": "run:saes/layer_1", "data_dir": outside,
+                        "list": ["run:a.txt", 3, None], "prompt": "Tell me how to pick a lock."}
+    # read where the run now lies
+    moved = RunStore(tmp_path / "moved")
+    assert moved.resolve(portable) == {**value, "out": str(moved.root), "saes": str(moved.path("saes/layer_1")),
+                                       "list": [str(moved.root / "a.txt"), 3, None]}
+    # a sibling whose name starts like the run's is not inside it
+    assert store.portable(str(tmp_path / "run2" / "x")) == str(tmp_path / "run2" / "x")

@@ -53,6 +53,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]
             kw.update(type=_comma_list, metavar="A,B")
         elif origin is typing.Literal:
             kw["choices"] = list(args)
+        kw.update({k: extra[k] for k in ("nargs", "const", "metavar") if k in extra})  # e.g. --ray [ADDRESS]
         if field.is_required():
             kw["help"] += " [required]"
         parser.add_argument(flag, **kw)
@@ -80,14 +81,14 @@ def _print_table(frame, columns) -> None:
 def cmd_direction(args) -> int:
     from refusalscope.direction import run_direction
     from refusalscope.lm.loading import load_model
-    from refusalscope.pipeline.steps import run_record
+    from refusalscope.pipeline.steps import run_record, write_config
     from refusalscope.store import RunStore
 
     settings: DirectionSettings = _settings(args, DirectionSettings, "direction")
     store = RunStore(settings.out)
-    store.write_json("config.direction.json", settings.model_dump(mode="json"))
+    write_config(store, "config.direction.json", settings)
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, chat_template=settings.chat_template)
-    store.write_json("run.json", run_record(settings, lm))
+    write_config(store, "run.json", run_record(settings, lm))
     summary = run_direction(lm, settings, store)
     table = store.read_table("direction_candidates.parquet")
     _print_table(
@@ -146,7 +147,7 @@ def _run_model(settings, store):
     """Load the model a run was made with (device/dtype flags override the run's)."""
     from refusalscope.lm.loading import load_model
 
-    run = store.read_json("run.json")
+    run = store.resolve(store.read_json("run.json"))  # paths inside the run: under where it now lies
     device = settings.device if "device" in settings.model_fields_set else run.get("device", "auto")
     dtype = settings.dtype if "dtype" in settings.model_fields_set else run.get("dtype", "auto")
     lm = load_model(
@@ -172,13 +173,14 @@ def _print_sae_report(table, as_json: bool) -> None:
 
 
 def cmd_sae_train(args) -> int:
+    from refusalscope.pipeline.steps import write_config
     from refusalscope.saes.run_set import run_sae_train
     from refusalscope.store import RunStore
 
     settings: SaeTrainSettings = _settings(args, SaeTrainSettings, "sae-train")
     store = RunStore(settings.run, create=False)
     lm, run = _run_model(settings, store)
-    store.write_json("config.sae_train.json", settings.model_dump(mode="json"))
+    write_config(store, "config.sae_train.json", settings)
     table = run_sae_train(lm, settings, store, settings.data_dir or run.get("data_dir"))
     if not settings.json_output:
         print(f"SAEs recorded in {store.path('saes.json')}; quality on held-out text:")
@@ -276,6 +278,42 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _run_dir(args) -> None:
+    """``report`` and ``annotate`` take the run directory as RUN_DIR or as --run."""
+    given = getattr(args, "run_dir", None)
+    if given is not None:
+        if getattr(args, "run", given) != given:
+            raise RefusalScopeError(f"two run directories given: {given} and --run {args.run}")
+        args.run = given
+
+
+def cmd_report(args) -> int:
+    from refusalscope.config import ReportSettings
+    from refusalscope.report.build import build_report
+
+    _run_dir(args)
+    settings: ReportSettings = _settings(args, ReportSettings, "report")
+    path, sections = build_report(settings)
+    missing = [s.key for s in sections if s.missing]
+    print(f"{len(sections) - len(missing)} of {len(sections)} sections" +
+          (f"; not in this run: {', '.join(missing)}" if missing else ""))
+    for s in sections:
+        for note in s.notes:
+            print(f"note ({s.key}): {note}")
+    print(f"report written to {path} (self-contained: open it in any browser, offline)")
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    from refusalscope.annotate.app import serve
+    from refusalscope.config import AnnotateSettings
+
+    _run_dir(args)
+    settings: AnnotateSettings = _settings(args, AnnotateSettings, "annotate")
+    serve(settings, say=lambda line: print(line, flush=True))
+    return 0
+
+
 def cmd_models(args) -> int:
     from refusalscope.lm.registry import MODELS
 
@@ -327,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = analyze.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         add_settings_arguments(p, cls)
         p.set_defaults(func=cmd_analyze)
+    from refusalscope.config import AnnotateSettings, ReportSettings
+
+    for name, cls, func in (("report", ReportSettings, cmd_report), ("annotate", AnnotateSettings, cmd_annotate)):
+        p = sub.add_parser(name, parents=[common], help=cls.__doc__.splitlines()[0], description=cls.__doc__)
+        p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", default=None, help="run directory (or --run)")
+        add_settings_arguments(p, cls)
+        p.set_defaults(func=func)
     for name, func, text in (
         ("models", cmd_models, "list the model registry"),
         ("datasets", cmd_datasets, "list the named prompt sets"),

@@ -86,7 +86,7 @@ class AsrSettings(ModelOptions):
     coeff: float | None = Field(None, description="λ for add-direction (default: the norm of the mean difference)")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
     max_new_tokens: int = Field(64, ge=1, description="tokens generated per prompt")
-    judge: str = Field("substring", description="substring, or classifier:<hub id or path>")
+    judge: str = Field("substring", description="substring, compliance, classifier:<hub id or path> or llm:<URL>")
     overlap: Literal["drop", "error", "allow"] = Field(
         "drop", description="prompts the run trained or selected on: drop them, refuse, or allow")
     data_dir: str | None = Field(None, description="data directory for dataset names (default: the run's)")
@@ -175,6 +175,18 @@ class Stage3Options(BaseModel):
     fm_device: str = Field("auto", description="device of the FM training (auto: the model's)")
 
 
+class RayOptions(BaseModel):
+    """Scale-out: the per-prompt work (and the FM's activation pass) sharded over a Ray cluster."""
+
+    # our choice: a bare --ray is "auto", Ray's own default (join the node's cluster, else start a local one)
+    ray: str | None = Field(None, description="run the per-prompt work on Ray: a cluster address "
+                            "(ray://head:10001), auto (this node's cluster, else a local one) or local (a new local "
+                            "cluster); needs pip install 'refusalscope[ray]'",
+                            json_schema_extra={"nargs": "?", "const": "auto", "metavar": "ADDRESS"})
+    ray_workers: int | None = Field(None, ge=1, description="Ray workers (default: one per GPU of the cluster, one "
+                                    "per CPU when it has none)")
+
+
 class RunSettings(ModelOptions):
     """The pipeline on a prompt set: direction, SAEs, Stages 1 (decoder cosine), 2 (Algorithm 1) and 3 (FM).
 
@@ -205,9 +217,18 @@ class RunSettings(ModelOptions):
                              "with all of them)")
     stage2_batch_size: int | None = Field(None, ge=1, description="Stage 2: ablated sets per forward "
                                           "(default: 64 on CPU, 1024 on a GPU)")
+    stage2_skip: Literal["auto", "on", "off"] = Field(
+        "auto", description="Stage 2: skip the forward of a chain step whose block did not fire in the previous "
+        "set's forward (exact: same P); auto: on CPU only")
+    early_stop: bool = Field(False, description="stop each generation once the judge's verdict can no longer change "
+                             "(a refusal phrase appeared): same verdicts, shorter stored completions")
+    sae_placement: Literal["auto", "device", "host"] = Field(
+        "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
+        "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "
+        "unless they would not fit in the GPU's free memory")
     n_random: int = Field(1, ge=0, description="equal-size random active-feature control sets per prompt")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated to judge a jailbreak")
-    judge: str = Field("substring", description="substring, or classifier:<hub id or path>")
+    judge: str = Field("substring", description="substring, compliance, classifier:<hub id or path> or llm:<URL>")
     refusal_tokens: list[str] | None = Field(None, description="tokens whose probability is P(refusal) in Eq. 1 "
                                              "(default: the registry's, \"I\")")
     overlap: Literal["drop", "error", "allow"] = Field(
@@ -218,10 +239,15 @@ class RunSettings(ModelOptions):
     sae_train: SaeTrainOptions = Field(default_factory=SaeTrainOptions,
                                        description="options of SAE training ([run.sae-train] in TOML)")
     stage3: Stage3Options = Field(default_factory=Stage3Options, description="Stage 3 options ([run.stage3])")
+    ray: str | None = RayOptions.model_fields["ray"]
+    ray_workers: int | None = RayOptions.model_fields["ray_workers"]
 
 
 class InteractionSettings(_RunOptions, Stage3Options):
     """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
+
+    ray: str | None = RayOptions.model_fields["ray"]
+    ray_workers: int | None = RayOptions.model_fields["ray_workers"]
 
 
 # ---- analyses (``refusalscope analyze NAME --run RUN``; TOML tables [analyze] and [analyze.NAME]) ----------------
@@ -245,6 +271,19 @@ class HydraOptions(BaseModel):
 
     sets: list[Literal["stage2", "stage3"]] = Field(default_factory=lambda: ["stage2", "stage3"],
                                                     description="feature sets examined (stage3 when the run has it)")
+    threshold: float = Field(0.0, description="a latent is on where its activation exceeds this (dormant: never "
+                             "above it on the unablated prompt)")
+    # our choice: activation mass (a strong firing counts more than a faint one); "count" counts positions
+    shares: Literal["activation", "count"] = Field("activation", description="segment shares of the woken "
+                                                   "features' activation mass, or of their firing positions")
+    # our choice: "all" — the paper's "set" scope is always reported; "all" adds, from the same forwards, every latent
+    # the ablations switch on anywhere downstream (the woken/tokens/segments/edges tables carry a scope column)
+    wake_scope: Literal["set", "all"] = Field("all", description="woken features: the set's own dormant ones only "
+                                              "(set), or also every latent of every SAE layer off on the clean prompt "
+                                              "that an ablation switches on (all)")
+    min_edge_prompts: int = Field(1, ge=1, description="graph: keep an edge found on at least this many prompts")
+    draw_max_edges: int = Field(200, ge=1, description="graph.png: draw at most this many edges per scope panel (most "
+                                "prompts first)")
 
 
 class ObrienOptions(BaseModel):
@@ -267,8 +306,20 @@ class CeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_instructions: int = Field(100, ge=1, description="harmless instructions (harmless_test)")
-    n_prose: int = Field(100, ge=1, description="prose passages")
+    n_instructions: int = Field(100, ge=1, description="harmless instructions (the first N of --instructions)")
+    instructions: str = Field("harmless_test", description="harmless instruction set (dataset name or file)")
+    n_prose: int = Field(100, ge=1, description="prose passages (State of the Union addresses, see refusalscope.prose)")
+    # our choice: 20th/21st-century addresses, closer to the English a current model was trained on
+    prose_since: int = Field(1900, description="prose: addresses from this year on (modern English)")
+    # our choice: 96 tokens keep a chat prompt plus most of a 48-token completion, and bound the cost on a CPU
+    max_tokens: int = Field(96, ge=2, description="tokens per CE text (prompt + completion, or prose), cut at the end")
+    sets: list[Literal["stage2", "stage3"]] = Field(default_factory=lambda: ["stage2", "stage3"],
+                                                    description="per-prompt feature sets ablated (stage3 when the "
+                                                    "run has it)")
+    max_sets: int | None = Field(None, ge=1, description="ablate at most N per-prompt sets of each kind (default: all)")
+    # our choice: a CPU is compute-bound (more rows per forward save nothing); a GPU is filled by 8 sets' rows
+    sets_per_forward: int | None = Field(None, ge=1, description="feature sets evaluated in one batched forward "
+                                         "(default: 1 on CPU, 8 on a GPU)")
 
 
 class ClampOptions(BaseModel):
@@ -278,7 +329,11 @@ class ClampOptions(BaseModel):
 
     values: list[float] = Field(default_factory=lambda: [2.0, 4.0, 6.0, 8.0, 10.0],
                                 description="values the features are clamped to")
-    n_prompts: int = Field(5, ge=1, description="benign prompts (harmless_test)")
+    n_prompts: int = Field(5, ge=1, description="benign prompts (the first N of --prompts)")
+    prompts: str = Field("harmless_test", description="benign prompt set (dataset name or file)")
+    modes: list[Literal["first", "fired"]] = Field(
+        default_factory=lambda: ["first", "fired"],
+        description="where to clamp: first token, or the template/prompt token where the feature fired")
 
 
 class TaxonomyOptions(BaseModel):
@@ -287,7 +342,23 @@ class TaxonomyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     level: Literal["subcategory", "category"] = Field(
-        "subcategory", description="CoCoNot label used as the category")
+        "subcategory", description="CoCoNot label used as the category: the subcategories of 'Requests with safety "
+        "concerns', or the five top categories of the original subset")
+    max_per_category: int | None = Field(60, ge=1, description="prompts per category (seeded sample; none: all)")
+    # our choice: 1 prompt maps a feature (the paper's "non-zero activation"); raise it to ask for more evidence
+    min_prompts: int = Field(1, ge=1, description="a feature maps to a category when active on this many of its "
+                             "prompts")
+    # our choice: 0.25. With dense SAEs (ours: TopK, k = 64 of 4,096) almost every latent fires once in 60
+    # prompts, so the paper's "non-zero on its prompts" maps nearly every feature, pipeline or random, to every
+    # category; 0 gives the paper's rule, and share_sweep.parquet shows the counts at 0, 0.1, 0.25 and 0.5
+    min_share: float = Field(0.25, ge=0, le=1, description="a feature maps to a category when active on at least "
+                             "this share of its prompts too (0: the paper's rule)")
+    min_category_prompts: int = Field(5, ge=1, description="drop categories with fewer prompts (CoCoNot has a "
+                                      "1-prompt one)")
+    # our choice: the template's tokens (system prompt, turn markers) are the same in every prompt, so a feature
+    # firing there fires on every category and says nothing about it; only the user's text is read
+    positions: Literal["user", "all"] = Field("user", description="prompt tokens read: the user's text, or all "
+                                              "(template tokens included)")
 
 
 class ExplainOptions(BaseModel):
@@ -298,6 +369,39 @@ class ExplainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_contexts: int = Field(5, ge=1, description="top-activating contexts kept per feature")
+    # our choice: harmful and harmless instructions the stages did not evaluate (the run's prompts are dropped)
+    corpus: list[str] = Field(default_factory=lambda: ["harmful_train", "harmless_test"],
+                              description="prompt sets (or files) of the one top-context pass; empty: no pass "
+                              "(Neuronpedia's contexts only)")
+    corpus_limit: int | None = Field(None, ge=1, description="take at most N prompts from each corpus set")
+    window_before: int = Field(10, ge=0, description="tokens kept before a context's max-activating token")
+    window_after: int = Field(3, ge=0, description="tokens kept after it")
+    chat_format: bool = Field(True, description="read corpus prompts as chat turns, as the stages do (else raw text)")
+    neuronpedia: Literal["auto", "api", "exports", "off"] = Field(
+        "auto", description="Neuronpedia explanations: the feature API, the bulk exports, off, or auto (the API "
+        "for sources with few features, the exports otherwise; SAE sets Neuronpedia lacks are skipped)")
+    neuronpedia_api_max: int = Field(50, ge=0, description="auto: use the API for a source with at most this many "
+                                     "features (Neuronpedia asks heavy users to prefer the exports)")
+    neuronpedia_source: str | None = Field(None, description="Neuronpedia MODEL/SOURCE with {layer} for SAE sets "
+                                           "the registry does not map, e.g. gemma-2-2b/{layer}-gemmascope-res-16k")
+    neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia API base URL (key: "
+                                 "NEURONPEDIA_API_KEY environment variable)")
+    neuronpedia_exports_url: str = Field("https://neuronpedia-datasets.s3.us-east-1.amazonaws.com",
+                                         description="Neuronpedia exports bucket URL")
+    offline: bool = Field(False, description="answer Neuronpedia lookups from the cache only")
+    cache_dir: str | None = Field(None, description="Neuronpedia cache (default: the user cache, "
+                                  "refusalscope/neuronpedia)")
+    llm_url: str | None = Field(None, description="OpenAI-compatible chat endpoint that explains features without "
+                                "a Neuronpedia explanation, e.g. http://127.0.0.1:8080 (key: REFUSALSCOPE_LLM_API_KEY)")
+    llm_model: str | None = Field(None, description="model name sent to the endpoint (default: "
+                                  "REFUSALSCOPE_LLM_MODEL, else the server's first model)")
+    http_timeout: float = Field(60.0, gt=0, description="seconds to wait for one HTTP answer (Neuronpedia, LLM)")
+    retries: int = Field(4, ge=0, description="HTTP retries on 429, 5xx and timeouts (exponential backoff)")
+    backoff: float = Field(1.0, ge=0, description="first backoff wait in seconds (doubles per retry; Retry-After "
+                           "wins)")
+    themes: str | None = Field(None, description="TOML file of theme keyword lists (default: the packaged "
+                               "explain/themes.toml)")
+    top_terms: int = Field(30, ge=1, description="content words kept in top_terms.parquet (paper, Table 4: 30)")
 
 
 class HydraSettings(AnalyzeSettings, HydraOptions):
@@ -329,6 +433,47 @@ ANALYSIS_SETTINGS: dict[str, type[AnalyzeSettings]] = {
     "hydra": HydraSettings, "controls": ControlsSettings, "ce": CeSettings, "clamp": ClampSettings,
     "taxonomy": TaxonomySettings, "explain": ExplainSettings,
 }
+
+
+# ---- the report and the annotation app (``refusalscope report RUN``, ``refusalscope annotate RUN``) ---------------
+
+class AgreementOptions(BaseModel):
+    """Scoring of the human annotation (paper, Fig. 7): majority vote against the activation-based labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    votes: int = Field(2, ge=1, description="annotators who must tick a category for it to be in the majority label "
+                       "(paper: 2 of 3)")
+    min_annotators: int = Field(3, ge=1, description="a feature is scored once this many annotators answered it")
+
+
+class ReportSettings(CommandSettings, AgreementOptions):
+    """Write a self-contained HTML report of a run (every figure embedded, opens offline)."""
+
+    run: Path = Field(..., description="run directory (also the positional RUN_DIR)")
+    out: Path | None = Field(None, description="HTML file to write (default: RUN/report.html)")
+    max_rows: int = Field(200, ge=1, description="rows shown per table (the count of the rest is given)")
+    max_prompts: int = Field(500, ge=1, description="prompts in the per-prompt drill-down")
+    max_features: int = Field(20, ge=1, description="features per set shown with explanation and contexts in the "
+                              "drill-down (the rest by name)")
+
+
+class AnnotateSettings(CommandSettings, AgreementOptions):
+    """Serve the annotation app: annotators label sampled features with CoCoNot categories (paper, Fig. 7)."""
+
+    run: Path = Field(..., description="run directory with taxonomy and explanations (also the positional RUN_DIR)")
+    host: str = Field("127.0.0.1", description="address to listen on (127.0.0.1: this machine only)")
+    port: int = Field(8765, ge=0, le=65535, description="port to listen on (0: any free port)")
+    # our choice: sizes (the paper's appendix gives the procedure; the sample is stored once in annotations.sqlite)
+    n_pipeline: int = Field(60, ge=0, description="pipeline features sampled, stratified by number of categories")
+    n_active: int = Field(20, ge=0, description="random activating features sampled (taxonomy group random_active)")
+    n_inactive: int = Field(20, ge=0, description="random non-activating features sampled (group random_inactive)")
+    seed: int = Field(0, description="seed of the sample and of each annotator's order")
+    order: Literal["per-annotator", "shared"] = Field(
+        "per-annotator", description="each annotator's own seeded order (our choice: averages out order effects), "
+        "or one shared order")
+    data_dir: str | None = Field(None, description="data directory holding coconot.jsonl, for the categories when "
+                                 "the taxonomy does not list them (default: the run's)")
 
 
 def read_text_or_value(value: str | None) -> str | None:
@@ -483,7 +628,8 @@ def example_toml() -> str:
                                                        ("stage3", Stage3Options))),
                                  ("direction", DirectionSettings, ()), ("sae-train", SaeTrainSettings, ()),
                                  ("sae-eval", SaeEvalSettings, ()), ("asr", AsrSettings, ()),
-                                 ("interactions", InteractionSettings, ()), ("analyze", AnalyzeSettings, ()),
+                                 ("interactions", InteractionSettings, ()), ("report", ReportSettings, ()),
+                                 ("annotate", AnnotateSettings, ()), ("analyze", AnalyzeSettings, ()),
                                  *((f"analyze.{name}", _analysis_options(cls), ())
                                    for name, cls in ANALYSIS_SETTINGS.items())):
         out += ["", f"[{command}]", f"# {(cls.__doc__ or '').strip().splitlines()[0]}"]

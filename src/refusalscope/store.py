@@ -47,6 +47,9 @@ def _corrupt(p: Path, e: Exception) -> RefusalScopeError:
     return RefusalScopeError(f"{p} could not be read ({type(e).__name__}: {e}); the run may be corrupt")
 
 
+RUN_PREFIX = "run:"  # a path inside the run directory, relative to it ("run:." is the directory itself)
+
+
 class RunStore:
     def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root).expanduser()
@@ -58,12 +61,48 @@ class RunStore:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def _inside(self, text: str) -> str | None:
+        """``text``'s path relative to the run directory when it is an absolute path inside it, else None."""
+        p = Path(text).expanduser()
+        if not p.is_absolute():
+            return None
+        for path, root in ((p, self.root.absolute()), (p.resolve(), self.root.resolve())):
+            if path == root or root in path.parents:
+                return path.relative_to(root).as_posix() or "."
+        return None
+
+    def portable(self, obj):
+        """``obj`` (a JSON-able value) with every absolute path inside the run directory written as ``run:REL``,
+        so the directory holds no machine-specific path of its own and can move; other values are unchanged."""
+        if isinstance(obj, dict):
+            return {k: self.portable(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.portable(v) for v in obj]
+        if isinstance(obj, (str, os.PathLike)):
+            rel = self._inside(os.fspath(obj))
+            return RUN_PREFIX + rel if rel is not None else (obj if isinstance(obj, str) else os.fspath(obj))
+        return obj
+
+    def resolve(self, obj):
+        """The inverse of ``portable``: every ``run:REL`` becomes the path under this run directory (where the run
+        now lies)."""
+        if isinstance(obj, dict):
+            return {k: self.resolve(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.resolve(v) for v in obj]
+        if isinstance(obj, str) and obj.startswith(RUN_PREFIX):
+            return str((self.root / obj[len(RUN_PREFIX):]).absolute())
+        return obj
+
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
     def write_json(self, name: str, obj) -> Path:
         text = json.dumps(obj, indent=2, default=str)
         return _atomic(self.path(name), lambda tmp: Path(tmp).write_text(text))
+
+    def write_text(self, name: str, text: str) -> Path:
+        return _atomic(self.path(name), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def read_json(self, name: str):
         p = self.path(name)

@@ -52,3 +52,20 @@ def test_collect_residuals_matches_hidden_states(tiny_lm):
         hs = tiny_lm.model(**batch, output_hidden_states=True).hidden_states
     for layer in range(tiny_lm.n_layers):  # hidden_states[l] is the input of layer l
         assert torch.allclose(acts[0, layer, 1], hs[layer][0, -1], atol=1e-4)
+
+
+def test_generation_stops_a_row_once_stop_says_so(tiny_lm):
+    from refusalscope.judges import SubstringJudge
+
+    full = generate(tiny_lm, PROMPTS, max_new_tokens=12, batch_size=4, progress=False)
+    row = next(i for i, c in enumerate(full) if len(c.strip()) >= 6)
+    phrase = full[row].strip()[:3]  # appears within the first tokens of that row
+    judge = SubstringJudge([phrase])
+    stopped = generate(tiny_lm, PROMPTS, max_new_tokens=12, batch_size=4, progress=False,
+                       stop=lambda texts: judge.decided([""] * len(texts), texts))
+    assert len(stopped[row]) < len(full[row]) and full[row].startswith(stopped[row])
+    for f, s in zip(full, stopped):
+        assert f.startswith(s)  # a stopped row is its full completion cut short, never different text
+        assert judge.judge([""], [s])[0].refused == judge.judge([""], [f])[0].refused
+        if not judge.decided([""], [f])[0]:
+            assert s == f  # rows the judge never decides run to the end

@@ -121,3 +121,40 @@ def test_cli_run_bad_input_is_clear(tmp_path, tiny_data_dir, capsys):
     assert err.startswith(f"refusalscope: error: unknown model '{bad}': not a registry alias ("), err
     assert "an existing directory" in err and "hub id" in err, err
     assert not out_dir.exists()
+
+
+def test_a_moved_run_holds_no_path_of_its_own_and_resumes_on_another_machine(setup, tmp_path, monkeypatch):
+    """A run whose SAEs were trained into the cache, moved with its cache to other paths (another HOME and cache
+    location): no file of it names where it was, its SAEs load, and a rerun recomputes nothing."""
+    import shutil
+
+    import torch
+
+    from refusalscope.config import DirectionOptions, SaeTrainOptions
+    from refusalscope.saes.run_set import load_run_saes
+    from refusalscope.store import RunStore
+
+    monkeypatch.setenv("REFUSALSCOPE_CACHE", str(tmp_path / "cache-a"))
+    trained = SaeTrainOptions(layers="1-3", width=32, k=4, epochs=1, corpus=["harmless_train", "harmful_train"],
+                              eval_sets=["harmless_val"], n_eval=2)
+    quick = DirectionOptions(n_train=4, n_val=2, asr_candidates=1, max_new_tokens=4)
+    s = setup.model_copy(update={"saes": None, "sae_train": trained, "direction": quick, "out": tmp_path / "a" / "run"})
+    summary = pipeline.run_pipeline(s, progress=False)
+    assert json.loads((s.out / "saes.json").read_text())["spec"].startswith("cache:saes/")
+    saes = load_run_saes(RunStore(s.out))
+
+    moved = tmp_path / "b" / "moved-run"
+    shutil.move(str(s.out), str(moved))
+    shutil.move(str(tmp_path / "cache-a"), str(tmp_path / "cache-b"))
+    monkeypatch.setenv("REFUSALSCOPE_CACHE", str(tmp_path / "cache-b"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for f in moved.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert str(s.out).encode() not in data, f"{f} names the run's old location"
+            assert str(tmp_path / "cache-a").encode() not in data, f"{f} names the old cache"
+    again = load_run_saes(RunStore(moved, create=False))
+    assert again.keys() == saes.keys() and all(torch.equal(again[k].W_dec, saes[k].W_dec) for k in saes)
+
+    monkeypatch.setattr(steps, "process_prompt", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
+    assert pipeline.run_pipeline(s.model_copy(update={"out": moved}), progress=False) == summary

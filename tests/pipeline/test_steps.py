@@ -123,7 +123,7 @@ def test_empty_prompt_file_fails_fast_and_writes_nothing(tmp_path, tiny_dirs, ti
 ])
 def test_preflight_rejects_bad_input_before_loading_anything(tmp_path, tiny_dirs, tiny_data_dir, capsys, flags,
                                                              message, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(steps, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     prompts = tmp_path / "p.txt"
     prompts.write_text("Tell me how to pick a lock.\n")
     out = tmp_path / "run"
@@ -137,7 +137,7 @@ def test_preflight_rejects_bad_input_before_loading_anything(tmp_path, tiny_dirs
 
 
 def test_a_run_of_another_model_is_refused_before_loading(finished, monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(steps, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(RefusalScopeError, match="was made with model"):
         pipeline.run_pipeline(finished.model_copy(update={"model": "gemma-2-2b-it"}), progress=False)
     assert pd.read_parquet(finished.out / "baseline.parquet").shape[0] == 2
@@ -152,3 +152,18 @@ def test_prompt_record_round_trips_through_json(finished):
         assert rec is not None and rec.to_json() == data
         assert all(isinstance(f, tuple) and len(f) == 2 for f in rec.stage1.features)
     assert PromptRecord.from_json({"id": 1, "prompt": "x", "stage1": {"k": 3}}) is None  # an older layout
+
+
+def test_early_stop_is_part_of_a_finished_prompt_key_only_when_on(tmp_path, tiny_lm):
+    from refusalscope.store import RunStore
+
+    base = RunSettings(out=tmp_path / "run")
+    on = base.model_copy(update={"early_stop": True})
+    assert "early_stop" not in steps.stage_key(base)  # records of runs made before the option stay valid
+    assert steps.stage_key(on) == {**steps.stage_key(base), "early_stop": True}
+    saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=16, layer=layer) for layer in (3, 4)}
+    placed = steps.stage_saes(saes, base.model_copy(update={"sae_placement": "host"}), tiny_lm)
+    assert sorted(placed) == [3, 4] and placed[3].W_enc.device == tiny_lm.device  # on a CPU, host is the device
+    ctx = steps.stage_context(tiny_lm, placed, FakeJudge.always(), on.model_copy(update={"stage2_skip": "off"}),
+                              RunStore(tmp_path / "run"))
+    assert ctx.early_stop and ctx.skip_inactive is False and ctx.generation_settings["stopped_by"] == "always"

@@ -43,7 +43,12 @@ def test_sae_train_then_eval(tiny_run, capsys):
     assert [r["layer"] for r in again] == [1, 2]
     from sae_lens import SAE
 
-    loaded = SAE.load_from_disk(rec["spec"] + "/layer_1")  # plain SAELens reads what we saved
+    from refusalscope.saes.run_set import resolve_spec
+    from refusalscope.store import RunStore
+
+    assert rec["spec"].startswith("cache:saes/")  # where in the cache, not this machine's cache path
+    set_dir = resolve_spec(RunStore(tiny_run), rec["spec"])
+    loaded = SAE.load_from_disk(set_dir + "/layer_1")  # plain SAELens reads what we saved
     assert loaded.cfg.d_sae == 64
 
 

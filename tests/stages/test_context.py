@@ -54,3 +54,29 @@ def test_cached_completion_equals_a_fresh_generation(tiny_lm, monkeypatch):
 
 def test_set_key_is_canonical():
     assert set_key([(2, 5), Feature(1, 3), "L2/5"]) == (Feature(1, 3), Feature(2, 5))
+
+
+def test_early_stop_gives_the_full_length_verdicts_under_its_own_cache_key(tiny_lm, monkeypatch):
+    """With early_stop the judge's verdicts equal those of full-length completions; the shorter completions are
+    cached under settings that name the judge, so a context without early stop never reuses them."""
+    from refusalscope.judges import Combined, SubstringJudge
+
+    sets = [[], [Feature(1, 3)], [Feature(2, 5), Feature(1, 1)], [Feature(2, i) for i in range(10)]]
+    cache = CompletionCache()
+    full_ctx = _ctx(tiny_lm, cache)
+    full_ctx.max_new_tokens = 12
+    full = full_ctx.judged("Tell me a story.", sets)
+    # a judge that "refuses" on a piece of text one of these completions starts with
+    text = next(x.completion.strip() for x in full if len(x.completion.strip()) >= 6)
+    judge = Combined(SubstringJudge([text[:3]]))
+    want = judge.judge(["Tell me a story."] * len(sets), [x.completion for x in full])
+    assert any(v.refused for v in want)
+    rows = _spy(monkeypatch)
+    stop_ctx = _ctx(tiny_lm, cache)
+    stop_ctx.max_new_tokens, stop_ctx.judge, stop_ctx.early_stop = 12, judge, True
+    assert stop_ctx.generation_settings["stopped_by"] == judge.name
+    stopped = stop_ctx.judged("Tell me a story.", sets)
+    assert rows == [len(sets)]  # the full-length completions in the cache were not reused
+    assert [(v.refused, v.jailbroken) for v in want] == [(x.verdict.refused, x.jailbroken) for x in stopped]
+    assert any(len(s.completion) < len(f.completion) for s, f in zip(stopped, full))
+    assert all(f.completion.startswith(s.completion) for s, f in zip(stopped, full))

@@ -42,7 +42,7 @@ class FinishedRun:
 
     @cached_property
     def config(self) -> dict:
-        return self.store.read_json("config.run.json")
+        return self.store.resolve(self.store.read_json("config.run.json"))  # run:REL → under where the run lies
 
     @cached_property
     def summary(self) -> dict:
@@ -107,6 +107,8 @@ class FinishedRun:
                     groups.setdefault(f, set()).add("stage3")
         if self.store.exists("analyses/hydra/woken.parquet"):
             woken = self.store.read_table("analyses/hydra/woken.parquet")
+            if "scope" in woken.columns:  # the sets' own dormant features; scope "all" may hold thousands of latents
+                woken = woken[woken["scope"] == "set"]
             for text in woken.get("feature", []):
                 groups.setdefault(Feature.parse(text), set()).add("hydra")
         return {f: sorted(g) for f, g in sorted(groups.items())}
@@ -115,7 +117,7 @@ class FinishedRun:
 
     @property
     def data_dir(self) -> str | None:
-        return self.config.get("data_dir") or self.store.read_json("run.json").get("data_dir")
+        return self.config.get("data_dir") or self.store.resolve(self.store.read_json("run.json").get("data_dir"))
 
     def direction(self):
         """(r, metadata) of the run's refusal direction."""

@@ -8,6 +8,10 @@ path); TopK needs the full encode to know which latents made the top k. Ablating
 Every layer's hook sits on that layer's resid_post, so ablations at several layers compose in one forward pass:
 an upstream ablation changes the downstream latents that are then ablated (how dormant "hydra" features show).
 A batch may carry one latent set per row: per layer we keep the union U of the rows' sets and a (B, |U|) mask.
+
+SAEs may live on another device than the model (host memory, when a whole SAE set does not fit the GPU): plans
+then move only the encoder/decoder columns of the latents they touch to the model's device, and full encodes
+(``LatentRecorder`` of every latent, TopK) bring one layer's encoder over at a time (``encoder_on``).
 """
 
 from __future__ import annotations
@@ -38,17 +42,35 @@ class LayerPlan:
         return self if self.mask is None else replace(self, mask=self.mask[list(rows)])
 
 
-def _restrict(sae: Sae, ids: torch.Tensor) -> Sae | None:
-    """The latents ``ids`` of an independent-latent SAE as a narrow SAE (its encode is the fast path)."""
+def _restrict(sae: Sae, ids: torch.Tensor, device: torch.device | None = None) -> Sae | None:
+    """The latents ``ids`` of an independent-latent SAE as a narrow SAE (its encode is the fast path), on
+    ``device`` (default: the SAE's): only these columns are copied there, as float32 (a host-held SAE may be
+    kept in its loaded dtype)."""
     if not sae.independent:
         return None
+    ids = ids.to(sae.W_enc.device)
     thr = None if sae.threshold is None else sae.threshold[ids]
-    return replace(sae, W_enc=sae.W_enc[:, ids].contiguous(), b_enc=sae.b_enc[ids], W_dec=sae.W_dec[ids].contiguous(),
-                   threshold=thr)
+    sub = replace(sae, W_enc=sae.W_enc[:, ids].contiguous(), b_enc=sae.b_enc[ids],
+                  W_dec=sae.W_dec[ids].contiguous(), threshold=thr)
+    return sub if device is None or torch.device(device) == sae.W_enc.device else sub.to(device, torch.float32)
 
 
-def plan_sets(saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet]) -> tuple[dict[int, LayerPlan], bool]:
-    """Per-layer plans for one set shared by all rows (a mapping) or one set per row (a sequence of mappings)."""
+def encoder_on(sae: Sae, device: torch.device) -> Sae:
+    """``sae`` with its encoder on ``device`` (the SAE itself when it is there already). The decoder is not
+    copied: the copy can encode, not decode (its W_dec is a zero-stride placeholder of the right shape)."""
+    device = torch.device(device)
+    if sae.W_enc.device == device:
+        return sae
+    mv = lambda t: None if t is None else t.to(device, torch.float32)  # noqa: E731
+    placeholder = torch.zeros((), dtype=torch.float32, device=device).expand(sae.width, sae.d_in)
+    return replace(sae, W_enc=mv(sae.W_enc), b_enc=mv(sae.b_enc), b_dec=mv(sae.b_dec), threshold=mv(sae.threshold),
+                   W_dec=placeholder)
+
+
+def plan_sets(saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet],
+              device: torch.device | None = None) -> tuple[dict[int, LayerPlan], bool]:
+    """Per-layer plans for one set shared by all rows (a mapping) or one set per row (a sequence of mappings);
+    ``device``: where the forward runs (default: each SAE's device)."""
     per_row = not isinstance(sets, Mapping)
     rows: list[LatentSet] = list(sets) if per_row else [sets]  # type: ignore[list-item]
     layers = sorted({int(layer_id) for s in rows for layer_id, ids in s.items() if len(ids)})
@@ -62,40 +84,73 @@ def plan_sets(saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet]) ->
             sae.check_latents(ids)
         union = torch.unique(torch.cat(row_ids)) if row_ids else torch.empty(0, dtype=torch.long)
         mask = None
+        dev = sae.W_dec.device if device is None else torch.device(device)
         if per_row:
             mask = torch.zeros(len(rows), len(union), dtype=sae.W_dec.dtype)
             for r, ids in enumerate(row_ids):
                 if len(ids):
                     mask[r, torch.searchsorted(union, ids)] = 1.0
-            mask = mask.to(sae.W_dec.device)
-        union = union.to(sae.W_dec.device)
-        plans[layer] = LayerPlan(sae, union, mask, _restrict(sae, union))
+            mask = mask.to(dev)
+        plans[layer] = LayerPlan(sae, union.to(dev), mask, _restrict(sae, union, dev))
     return plans, per_row
 
 
+@dataclass(frozen=True)
+class CandidatePlans:
+    """The per-layer plans of one candidate list, without row masks: built once (the SAE columns of the
+    candidates are sliced and moved once), then ``for_rows(member)`` adds the masks of each batch of sets."""
+
+    plans: dict[int, LayerPlan]
+    columns: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (candidate columns, index into plan.ids)
+    n: int
+
+    @classmethod
+    def build(cls, saes: Mapping[int, Sae], candidates: Sequence[tuple[int, int]],
+              device: torch.device | None = None) -> "CandidatePlans":
+        layers = torch.tensor([layer_id for layer_id, _ in candidates], dtype=torch.long)
+        latents = torch.tensor([i for _, i in candidates], dtype=torch.long)
+        plans: dict[int, LayerPlan] = {}
+        columns = {}
+        for layer in sorted(set(layers.tolist())):
+            if layer not in saes:
+                raise RefusalScopeError(f"no SAE for layer {layer}; SAEs are loaded for layers {sorted(saes)}")
+            sae = saes[layer]
+            cols = torch.nonzero(layers == layer).flatten()
+            ids, inverse = torch.unique(latents[cols], return_inverse=True)
+            sae.check_latents(ids)
+            dev = sae.W_dec.device if device is None else torch.device(device)
+            plans[layer] = LayerPlan(sae, ids.to(dev), None, _restrict(sae, ids, dev))
+            columns[layer] = (cols, inverse)
+        return cls(plans, columns, len(candidates))
+
+    def for_rows(self, member: torch.Tensor) -> dict[int, LayerPlan]:
+        """Plans for a (B, n) boolean matrix over the candidates (row b ablates the candidates it marks)."""
+        out = {}
+        for layer, plan in self.plans.items():
+            cols, inverse = self.columns[layer]
+            mask = torch.zeros(member.shape[0], len(plan.ids), dtype=plan.sae.W_dec.dtype, device=member.device)
+            mask.index_add_(1, inverse.to(member.device), member[:, cols.to(member.device)].to(mask.dtype))
+            out[layer] = replace(plan, mask=mask.clamp_(max=1).to(plan.ids.device))
+        return out
+
+    def fired_columns(self, fired: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """(B, n) boolean over the candidates from per-layer (B, u) "fired" flags over each plan's ids."""
+        rows = next(iter(fired.values())).shape[0] if fired else 0
+        out = torch.zeros(rows, self.n, dtype=torch.bool)
+        for layer, f in fired.items():
+            cols, inverse = self.columns[layer]
+            out[:, cols] = f.cpu()[:, inverse]
+        return out
+
+
 def plan_membership(saes: Mapping[int, Sae], candidates: Sequence[tuple[int, int]],
-                    member: torch.Tensor) -> dict[int, LayerPlan]:
+                    member: torch.Tensor, device: torch.device | None = None) -> dict[int, LayerPlan]:
     """Per-row plans from a (B, n) boolean matrix over ``candidates`` (row b ablates the candidates it marks).
 
     Same result as ``plan_sets`` with one set per row, without per-row Python work: Stage 2 scores thousands
     of nested sets of one candidate list this way.
     """
-    layers = torch.tensor([layer_id for layer_id, _ in candidates], dtype=torch.long)
-    latents = torch.tensor([i for _, i in candidates], dtype=torch.long)
-    plans: dict[int, LayerPlan] = {}
-    for layer in sorted(set(layers.tolist())):
-        if layer not in saes:
-            raise RefusalScopeError(f"no SAE for layer {layer}; SAEs are loaded for layers {sorted(saes)}")
-        sae = saes[layer]
-        cols = torch.nonzero(layers == layer).flatten()
-        ids, inverse = torch.unique(latents[cols], return_inverse=True)
-        sae.check_latents(ids)
-        mask = torch.zeros(member.shape[0], len(ids), dtype=sae.W_dec.dtype, device=member.device)
-        mask.index_add_(1, inverse.to(member.device), member[:, cols.to(member.device)].to(mask.dtype))
-        mask = mask.clamp_(max=1).to(sae.W_dec.device)
-        ids = ids.to(sae.W_dec.device)
-        plans[layer] = LayerPlan(sae, ids, mask, _restrict(sae, ids))
-    return plans
+    return CandidatePlans.build(saes, candidates, device).for_rows(member)
 
 
 def _positions(h: torch.Tensor, positions) -> torch.Tensor | None:
@@ -149,18 +204,35 @@ def _row_mask(plan: LayerPlan, batch: int) -> torch.Tensor | None:
     return plan.mask[:, None, :]
 
 
-def ablation_delta(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
-    """z_S W_dec[S] for each row's set S, (B, T, d) in float32."""
+def _codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z of the plan's latents (B, T, u), their decoder rows (u, d)), float32 on x's device."""
     x = x.float()
     if fast and plan.sub is not None:
-        z = plan.sub.encode(x)  # (B, T, u): only the ablated latents
-        dec = plan.sub.W_dec
-    else:
-        z = plan.sae.encode(x).index_select(-1, plan.ids)
-        dec = plan.sae.W_dec.index_select(0, plan.ids)
+        return plan.sub.encode(x), plan.sub.W_dec  # only the plan's latents
+    sae = plan.sae
+    ids = plan.ids.to(sae.W_enc.device)
+    z = encoder_on(sae, x.device).encode(x).index_select(-1, ids.to(x.device))
+    if plan.sub is not None:
+        return z, plan.sub.W_dec
+    dec = sae.W_dec.index_select(0, ids)
+    if dec.device != x.device:  # a host-held SAE: its columns come over as float32
+        z, dec = z.float(), dec.to(x.device, torch.float32)
+    return z, dec
+
+
+def ablated_codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_S, W_dec[S]): each row's ablated activations (B, T, u), zero outside the row's set, and their decoder
+    rows (u, d), in float32 on x's device."""
+    z, dec = _codes(plan, x, fast)
     m = _row_mask(plan, x.shape[0])
     if m is not None:
         z = z * m
+    return z, dec
+
+
+def ablation_delta(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """z_S W_dec[S] for each row's set S, (B, T, d) in float32."""
+    z, dec = ablated_codes(plan, x, fast)
     return z @ dec
 
 
@@ -172,25 +244,28 @@ class LatentAblation(Intervention):
     per_row: bool = False
     positions: tuple[int, ...] | str | None = None  # None: every position, generated tokens included
     fast: bool = True
+    # when given: per layer, one (B, u) bool tensor per forward, "the row's ablated latent fired (z > 0) at some
+    # edited position" (Stage 2 skips chain steps whose block never fired)
+    fired: dict[int, list[torch.Tensor]] | None = None
 
     @classmethod
     def build(cls, saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet], *, positions=None,
-              fast: bool = True) -> "LatentAblation":
-        plans, per_row = plan_sets(saes, sets)
+              fast: bool = True, device: torch.device | None = None) -> "LatentAblation":
+        plans, per_row = plan_sets(saes, sets, device)
         return cls(plans, per_row, positions if positions in (None, "first") else tuple(positions), fast)
 
     @classmethod
     def from_membership(cls, saes: Mapping[int, Sae], candidates: Sequence[tuple[int, int]], member: torch.Tensor, *,
-                        positions=None, fast: bool = True) -> "LatentAblation":
+                        positions=None, fast: bool = True, device: torch.device | None = None) -> "LatentAblation":
         """One set per row given as a (B, n) boolean matrix over ``candidates`` (see ``plan_membership``)."""
-        return cls(plan_membership(saes, candidates, member), True,
+        return cls(plan_membership(saes, candidates, member, device), True,
                    positions if positions in (None, "first") else tuple(positions), fast)
 
     def select(self, rows):
         return replace(self, plans={layer: p.select(rows) for layer, p in self.plans.items()}) if self.per_row else self
 
     def hooks(self, n_layers: int) -> list[Hook]:
-        def make(plan: LayerPlan):
+        def make(plan: LayerPlan, layer: int):
             def edit(h: torch.Tensor):
                 if plan.ids.numel() == 0:
                     return None
@@ -198,11 +273,14 @@ class LatentAblation(Intervention):
                 if pos is not None and pos.numel() == 0:
                     return None
                 x = _gather(h, pos)
-                new = (x.float() - ablation_delta(plan, x, self.fast)).to(h.dtype)
+                z, dec = ablated_codes(plan, x, self.fast)
+                if self.fired is not None:
+                    self.fired.setdefault(layer, []).append((z > 0).any(dim=1))
+                new = (x.float() - z @ dec).to(h.dtype)
                 return _scatter(h, pos, new)
             return edit
 
-        return [Hook("resid_post", layer, make(plan)) for layer, plan in sorted(self.plans.items())]
+        return [Hook("resid_post", layer, make(plan, layer)) for layer, plan in sorted(self.plans.items())]
 
 
 @dataclass(frozen=True)
@@ -233,13 +311,11 @@ class LatentClamp(Intervention):
                 if plan.ids.numel() == 0 or (pos is not None and pos.numel() == 0):
                     return None
                 x = _gather(h, pos).float()
-                sae = plan.sae
-                z = sae.encode(x).index_select(-1, plan.ids) if plan.sub is None else plan.sub.encode(x)
+                z, dec = _codes(plan, x)
                 change = self.value - z
                 m = _row_mask(plan, x.shape[0])
                 if m is not None:
                     change = change * m
-                dec = sae.W_dec.index_select(0, plan.ids)
                 return _scatter(h, pos, (x + change @ dec).to(h.dtype))
             return edit
 
@@ -271,12 +347,22 @@ class LatentRecorder(Intervention):
                 idx = torch.as_tensor(list(ids), dtype=torch.long, device=sae.W_dec.device)
             self.records.setdefault(layer, [])
 
-            def edit(h, layer=layer, sae=sae, idx=idx):
+            moved: dict[str, Sae | None] = {}  # an SAE held elsewhere (host memory): what is moved, once
+
+            def edit(h, layer=layer, sae=sae, idx=idx, moved=moved):
                 pos = _positions(h, self.positions)
                 if pos is not None and pos.numel() == 0:
                     return None
                 x = _gather(h, pos).float()
-                z = sae.encode(x) if idx is None else sae.encode_subset(x, idx)
+                if sae.W_enc.device == x.device:
+                    z = sae.encode(x) if idx is None else sae.encode_subset(x, idx)
+                elif idx is not None and sae.independent:
+                    if "sub" not in moved:
+                        moved["sub"] = _restrict(sae, idx, x.device)
+                    z = moved["sub"].encode(x)
+                else:  # one layer's encoder at a time
+                    z = encoder_on(sae, x.device).encode(x)
+                    z = z if idx is None else z.index_select(-1, idx.to(x.device))
                 self.records[layer].append(z.cpu())
                 return None
             out.append(Hook("resid_post", layer, edit))

@@ -130,20 +130,12 @@ def _tile(output, rows: int):
     return output.expand(rows, *output.shape[1:]).contiguous()
 
 
-@contextmanager
-def replayed_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> Iterator[None]:
-    """Inside the block, decoder layers 0..n-1 return their outputs on ``batch`` (one row), tiled to the batch
-    size, instead of computing. Exact when every row is that sequence and nothing edits those layers: then
-    their outputs are the same for every row (the batched stages ablate only at layers >= n).
-
-    The layer's ``forward`` is swapped, not the module, so architectures that read attributes of their layers
-    in the loop (Gemma-2's ``attention_type``) and hooks on those layers keep working.
-    """
+def layer_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> dict[int, object]:
+    """The outputs of decoder layers 0..n-1 on ``batch`` (one forward, stopped after layer n-1)."""
     layers = decoder_layers(model)
-    if n <= 0:
-        yield
-        return
     outs: dict[int, object] = {}
+    if n <= 0:
+        return outs
 
     def keep(i):
         def hook(module, args, output):
@@ -161,6 +153,15 @@ def replayed_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: i
     finally:
         for h in handles:
             h.remove()
+    return outs
+
+
+@contextmanager
+def replaying(model: torch.nn.Module, outs: dict[int, object]) -> Iterator[None]:
+    """Inside the block, decoder layers 0..len(outs)-1 return ``outs`` (from ``layer_outputs``), tiled to the
+    batch size, instead of computing."""
+    layers = decoder_layers(model)
+    n = len(outs)
 
     def replay(i):
         def forward(*args, **kwargs):
@@ -175,3 +176,16 @@ def replayed_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: i
     finally:
         for i in range(n):
             layers[i].__dict__.pop("forward", None)
+
+
+@contextmanager
+def replayed_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> Iterator[None]:
+    """Inside the block, decoder layers 0..n-1 return their outputs on ``batch`` (one row), tiled to the batch
+    size, instead of computing. Exact when every row is that sequence and nothing edits those layers: then
+    their outputs are the same for every row (the batched stages ablate only at layers >= n).
+
+    The layer's ``forward`` is swapped, not the module, so architectures that read attributes of their layers
+    in the loop (Gemma-2's ``attention_type``) and hooks on those layers keep working.
+    """
+    with replaying(model, layer_outputs(model, batch, n)):
+        yield

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.interventions import Intervention, hooks_for
@@ -84,9 +85,25 @@ def collect_residuals(lm: LoadedModel, instructions: Sequence[str], positions: S
     return out
 
 
+class _StopWhenDecided(StoppingCriteria):
+    """A transformers stopping criterion: a row ends as soon as ``decide`` says so for its decoded new text."""
+
+    def __init__(self, tokenizer, prompt_len: int, decide: Callable[[list[str]], Sequence[bool]]):
+        self.tokenizer, self.prompt_len, self.decide = tokenizer, prompt_len, decide
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([bool(x) for x in self.decide(texts)], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             interventions: Sequence[Intervention] = (), desc: str = "generate", progress: bool = True) -> list[str]:
-    """Greedy completions (special tokens stripped), in input order."""
+             interventions: Sequence[Intervention] = (), desc: str = "generate", progress: bool = True,
+             stop: Callable[[list[str]], Sequence[bool]] | None = None) -> list[str]:
+    """Greedy completions (special tokens stripped), in input order.
+
+    ``stop(texts) -> [bool]`` (e.g. ``Judge.decided``) is asked after every new token with each row's text so
+    far; a row it marks ends there (its completion is that text), and a batch ends once every row has.
+    """
     texts = format_chat(lm.tokenizer, instructions)
     completions: list[str] = [""] * len(texts)
     tok = lm.tokenizer
@@ -97,8 +114,13 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
             batch = tokenize(tok, [texts[i] for i in rows], lm.device)
             with (torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, rows)),
                   batch_context(batch["attention_mask"])):
+                extra = {}
+                if stop is not None:
+                    criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1], stop)
+                    extra["stopping_criteria"] = StoppingCriteriaList([criterion])
                 out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                        top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids)
+                                        top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,
+                                        **extra)
             new = out[:, batch["input_ids"].shape[1]:]
             for j, i in enumerate(rows):
                 completions[i] = tok.decode(new[j], skip_special_tokens=True)

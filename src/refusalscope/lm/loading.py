@@ -35,6 +35,19 @@ def cache_root() -> Path:
     return Path(user_cache_dir("refusalscope"))
 
 
+def portable_source(source: str) -> str:
+    """Where a model was loaded from, as a run records it (run.json): ``cache:REL`` under the refusalscope cache,
+    ``hf-cache:REL`` under the Hugging Face hub cache (so the record does not hold this machine's cache location);
+    any other path, the user's own, as given."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    path = Path(source).expanduser()
+    for prefix, root in (("cache:", cache_root()), ("hf-cache:", Path(HF_HUB_CACHE).expanduser())):
+        if path.is_absolute() and (path == root or root in path.parents):
+            return prefix + path.relative_to(root).as_posix()
+    return source
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

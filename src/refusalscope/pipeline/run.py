@@ -7,14 +7,14 @@ Layout of the run directory (all tables load with pandas):
 - baseline.parquet: every prompt's unablated completion and verdict;
 - completions.sqlite: every completion generated under an ablated set (reused by later stages and analyses);
 - prompts/<id>.json: one file per finished prompt (``records.PromptRecord``), written atomically: a rerun skips it;
+  with ``--ray`` the prompts are shared out to Ray workers (``distributed``), which write the same files;
 - stage1.parquet, stage2.parquet, stage2_chains.parquet, controls.parquet, stages.png, summary.json: rebuilt from
   the per-prompt files at the end of every run (``tables.write_results``).
 """
 
 from __future__ import annotations
 
-import torch
-from tqdm.auto import tqdm
+from functools import partial
 
 from refusalscope.asr import seen_prompts
 from refusalscope.config import InteractionSettings, RunSettings, Stage3Options, parse_layers
@@ -22,27 +22,31 @@ from refusalscope.data import check_disjoint, drop_overlap
 from refusalscope.direction import load_direction
 from refusalscope.errors import RefusalScopeError
 from refusalscope.judges import make_judge
-from refusalscope.lm.loading import load_model
 from refusalscope.pipeline import steps
+from refusalscope.pipeline.distributed import release_workers, require_ray, run_items
 from refusalscope.pipeline.tables import write_results, write_stage3_results
 from refusalscope.saes.run_set import load_run_saes
-from refusalscope.stages.context import CompletionCache, StageContext
 from refusalscope.stages.stage1 import ranked_latents
+from refusalscope.pipeline.workers import PromptWorker
 from refusalscope.store import RunStore
 
 
 def run_pipeline(settings: RunSettings, progress: bool = True) -> dict:
+    try:
+        return _pipeline(settings, progress)
+    finally:
+        release_workers()  # Ray workers, kept from step to step, are ended with the run
+
+
+def _pipeline(settings: RunSettings, progress: bool) -> dict:
     # 1. check every input that needs no model; nothing is loaded or written before this passes
     prompts = steps.preflight(settings)
-    judge = make_judge(settings.judge)
+    if settings.ray:
+        require_ray()
+    new_judge = partial(make_judge, settings.judge)  # Ray workers make their own judge with it
+    judge = new_judge()
     # 2. the model and the run directory
-    lm = load_model(
-        settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        chat_template=settings.chat_template,
-        refusal_tokens=tuple(settings.refusal_tokens) if settings.refusal_tokens else None,
-    )
+    lm = steps.load_run_model(settings)
     if settings.layers:
         parse_layers(settings.layers, lm.n_layers)
     store = RunStore(settings.out)
@@ -51,10 +55,9 @@ def run_pipeline(settings: RunSettings, progress: bool = True) -> dict:
     steps.ensure_direction(lm, settings, store)
     steps.ensure_saes(lm, settings, store)
     all_saes = load_run_saes(store, lm)
-    layers = steps.stage_layers(all_saes, settings, lm.n_layers)
-    saes = {layer: all_saes[layer].to(lm.device, torch.float32) for layer in layers}
+    saes = steps.stage_saes(all_saes, settings, lm)  # on the device, or held in host memory (too big)
     direction, _ = load_direction(store)
-    store.write_json("config.run.json", settings.model_dump(mode="json"))  # the options this run now uses
+    steps.write_config(store, "config.run.json", settings)  # the options this run now uses
     # 5. the prompts: never those the direction or SAEs were trained or selected on
     seen = seen_prompts(store)
     if settings.overlap == "error":
@@ -73,44 +76,30 @@ def run_pipeline(settings: RunSettings, progress: bool = True) -> dict:
     # 7. Stage 1's ranking of every layer's latents by cos(W_dec, r)
     ranked = ranked_latents(saes, direction, settings.k_cap)
     store.write_json("stage1_ranking.json", {str(layer): ids for layer, ids in ranked.items()})
-    # 8. Stages 1-2 and the Stage-2 checks, prompt by prompt; a finished prompt is one file, never recomputed
-    ctx = StageContext(
-        lm,
-        saes,
-        judge,
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size,
-        score_batch_size=settings.stage2_batch_size,
-        cache=CompletionCache(store.path("completions.sqlite")),
-    )
+    # 8. Stages 1-2 and the Stage-2 checks, prompt by prompt (here, or on Ray workers); a finished prompt is one
+    # file, never recomputed; the records are read back from the files
+    ctx = steps.stage_context(lm, saes, judge, settings, store)
     key = steps.stage_key(settings)
-    records, todo = [], []
-    for pid, prompt in zip(refused.id, refused.prompt):
-        rec = steps.finished_record(store, int(pid), prompt, key)
-        if rec is None:
-            todo.append((int(pid), prompt))
-        else:
-            records.append(rec)
-    with tqdm(
-        total=len(refused),
-        initial=len(records),
+    ids = [(int(pid), prompt) for pid, prompt in zip(refused.id, refused.prompt)]
+    todo = [(pid, prompt) for pid, prompt in ids if steps.finished_record(store, pid, prompt, key) is None]
+    run_items(
+        todo,
+        PromptWorker(settings, new_judge, ranked),
+        local=partial(steps.write_prompt, ctx, store, ranked, settings),
+        ray=settings.ray,
+        workers=settings.ray_workers,
+        device=settings.device,
         desc="stages " + ",".join(settings.stages),
-        unit="prompt",
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
-        for pid, prompt in todo:
-            rec = steps.process_prompt(ctx, pid, prompt, ranked, settings)
-            store.write_json(rec.file_name(pid), rec.to_json())
-            records.append(rec)
-            bar.update(1)
-    records.sort(key=lambda r: r.id)
+        done=len(ids) - len(todo),
+        progress=progress,
+    )
+    records = steps.finished_records(store, ids, key)
     # 9. tables, figure and summary of Stages 1-2
     summary = write_results(store, records, len(prompts), n_refused, settings)
     # 10. Stage 3: the FM and probe (trained once), then ranked ablations per prompt, resumably
     if "3" in settings.stages:
         results, report = steps.run_stage3_step(
-            lm, all_saes, saes, judge, records, settings, store, ctx.cache, progress
+            lm, all_saes, saes, judge, records, settings, store, ctx.cache, progress, new_judge
         )
         alone = {r.id: r.stage2.best().jailbroken for r in records if r.stage2 is not None}
         summary = write_stage3_results(store, results, report, alone)
@@ -125,12 +114,14 @@ def run_interactions(settings: InteractionSettings, progress: bool = True) -> di
         raise RefusalScopeError(f"{store.root} has no finished 'refusalscope run' (config.run.json, summary.json)")
     if "stage2" not in store.read_json("summary.json"):
         raise RefusalScopeError(f"{store.root} has no Stage-2 results; run 'refusalscope run --stages 1,2' first")
-    cfg = store.read_json("config.run.json")
+    cfg = store.resolve(store.read_json("config.run.json"))  # paths inside the run: under where it now lies
+    cfg["out"] = str(store.root)
     cfg["stages"] = sorted({*cfg.get("stages", ["1", "2"]), "3"})
     cfg["stage3"] = settings.model_dump(include=set(Stage3Options.model_fields))
     for key in ("device", "dtype", "batch_size"):
         if key in settings.model_fields_set:
             cfg[key] = getattr(settings, key)
+    cfg["ray"], cfg["ray_workers"] = settings.ray, settings.ray_workers  # Ray only when this command asks for it
     if settings.data_dir:
         cfg["data_dir"] = settings.data_dir
     return run_pipeline(RunSettings(**cfg), progress=progress)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from refusalscope import __version__
 from refusalscope.analysis.controls import run_controls
@@ -24,12 +23,13 @@ from refusalscope.direction import load_direction, run_direction
 from refusalscope.errors import RefusalScopeError
 from refusalscope.judges import Judge, check_judge_name
 from refusalscope.lm.inference import generate
-from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.loading import LoadedModel, load_model, portable_source
 from refusalscope.pipeline.records import PromptRecord
 from refusalscope.saes.registry import DEFAULT_SAE_SET, SAE_SETS, load_sae_set
-from refusalscope.saes.run_set import record_sae_set, run_sae_train
+from refusalscope.saes.run_set import record_sae_set, resolve_spec, run_sae_train, same_sae_set
+from refusalscope.saes.placement import place_saes
 from refusalscope.saes.sae import Sae
-from refusalscope.stages.context import StageContext
+from refusalscope.stages.context import CompletionCache, StageContext
 from refusalscope.stages.stage1 import run_stage1
 from refusalscope.stages.stage2 import run_stage2
 from refusalscope.store import RunStore, digest
@@ -57,7 +57,7 @@ def preflight(settings: RunSettings) -> PromptSet:
             raise RefusalScopeError(
                 f"{out} was made with model {run.get('model')!r}, not {settings.model!r}; use another --out"
             )
-        data_dir = data_dir or run.get("data_dir")
+        data_dir = data_dir or RunStore(out, create=False).resolve(run.get("data_dir"))
     if settings.data_dir:
         resolve_data_dir(settings.data_dir)  # raises when it does not exist
     check_judge_name(settings.judge)
@@ -66,7 +66,7 @@ def preflight(settings: RunSettings) -> PromptSet:
     if (
         settings.saes
         and settings.saes not in SAE_SETS
-        and not settings.saes.startswith("saelens:")
+        and not settings.saes.startswith(("saelens:", "cache:", "run:"))
         and not Path(settings.saes).expanduser().is_dir()
     ):
         raise RefusalScopeError(
@@ -93,7 +93,7 @@ def run_record(settings, lm: LoadedModel) -> dict:
     """run.json: the model a run was made with and how it was loaded (written by ``direction`` and ``run``)."""
     return {
         "model": settings.model,
-        "source": lm.source,
+        "source": portable_source(lm.source),
         "device": settings.device,
         "dtype": settings.dtype,
         "chat_template": settings.chat_template,
@@ -108,8 +108,26 @@ def init_run(store: RunStore, settings: RunSettings, lm: LoadedModel) -> dict:
     if store.exists("run.json"):
         return store.read_json("run.json")
     run = run_record(settings, lm)
-    store.write_json("run.json", run)
+    write_config(store, "run.json", run)
     return run
+
+
+def write_config(store: RunStore, name: str, options) -> None:
+    """Write options (a settings object or a dict) with every path inside the run directory relative to it
+    (``RunStore.portable``): the run directory holds no path of its own location, so it can move."""
+    dumped = options.model_dump(mode="json") if hasattr(options, "model_dump") else options
+    store.write_json(name, store.portable(dumped))
+
+
+def load_run_model(settings, device: str | None = None) -> LoadedModel:
+    """The model of ``settings`` (``device`` replaces its device: a Ray worker uses the one it was given)."""
+    return load_model(
+        settings.model,
+        device=device or settings.device,
+        dtype=settings.dtype,
+        chat_template=settings.chat_template,
+        refusal_tokens=tuple(settings.refusal_tokens) if settings.refusal_tokens else None,
+    )
 
 
 def _explicit(options) -> dict:
@@ -146,7 +164,7 @@ def ensure_direction(lm: LoadedModel, settings: RunSettings, store: RunStore) ->
         chat_template=settings.chat_template,
         **settings.direction.model_dump(),
     )
-    store.write_json("config.direction.json", ds.model_dump(mode="json"))
+    write_config(store, "config.direction.json", ds)
     summary = run_direction(lm, ds, store)
     if summary.get("note"):
         log.warning("direction: %s", summary["note"])
@@ -161,7 +179,7 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None
     entry_alias = lm.entry.alias if lm.entry else None
     if store.exists("saes.json"):
         rec = store.read_json("saes.json")
-        if settings.saes and settings.saes != rec.get("spec"):
+        if settings.saes and not same_sae_set(store, settings.saes, rec.get("spec", "")):
             raise RefusalScopeError(
                 f"{store.root} was made with the SAE set {rec.get('spec')!r}, not {settings.saes!r}; use another --out"
             )
@@ -176,7 +194,7 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None
     spec = settings.saes or DEFAULT_SAE_SET.get(entry_alias or "")
     if spec:
         layers = parse_layers(settings.layers, lm.n_layers) if settings.layers else None
-        saes = load_sae_set(spec, layers)
+        saes = load_sae_set(resolve_spec(store, spec), layers)
         record_sae_set(store, spec, sorted(saes), {"kind": "loaded"})
         return
     log.warning("no SAEs known for %s: training them (refusalscope sae train)", settings.model)
@@ -188,7 +206,7 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None
         batch_size=settings.batch_size,
         **settings.sae_train.model_dump(),
     )
-    store.write_json("config.sae_train.json", ts.model_dump(mode="json"))
+    write_config(store, "config.sae_train.json", ts)
     run_sae_train(lm, ts, store, settings.data_dir)
 
 
@@ -199,6 +217,29 @@ def stage_layers(saes: Mapping[int, Sae], settings: RunSettings, n_layers: int) 
     if not layers:
         raise RefusalScopeError(f"no SAE layer ≥ {settings.min_layer} among {sorted(saes)}; check --layers/--min-layer")
     return layers
+
+
+def stage_saes(all_saes: Mapping[int, Sae], settings: RunSettings, lm: LoadedModel) -> dict[int, Sae]:
+    """The stages' SAEs (``stage_layers``): float32 on the model's device, or held in host memory when they would
+    not fit the GPU (``--sae-placement``, ``saes.placement``)."""
+    layers = stage_layers(all_saes, settings, lm.n_layers)
+    return place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
+
+
+def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settings: RunSettings,
+                  store: RunStore) -> StageContext:
+    """The stages' ``StageContext``, with the run's completion cache (completions.sqlite)."""
+    return StageContext(
+        lm,
+        saes,
+        judge,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        score_batch_size=settings.stage2_batch_size,
+        cache=CompletionCache(store.path("completions.sqlite")),
+        skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
+        early_stop=settings.early_stop,
+    )
 
 
 def baseline(
@@ -256,6 +297,8 @@ def stage_key(settings: RunSettings) -> dict:
     key = {k: v for k, v in settings.model_dump(mode="json").items() if k in STAGE_KEYS and v is not None}
     key["stages"] = [x for x in settings.stages if x in ("1", "2")]  # Stage 3 has its own files and key
     key["record_format"] = RECORD_FORMAT  # files of an older layout are recomputed, not half-read
+    if settings.early_stop:  # shorter completions in the records (only then, so older records stay valid)
+        key["early_stop"] = True
     return key
 
 
@@ -268,6 +311,15 @@ def finished_record(store: RunStore, prompt_id: int, prompt: str, settings: dict
     if rec is None or rec.prompt != prompt or rec.settings != settings:
         return None
     return rec
+
+
+def finished_records(store: RunStore, ids: Sequence[tuple[int, str]], settings: dict) -> list[PromptRecord]:
+    """The saved records of every (id, prompt), by id; one that is missing stops the run (rerun to redo it)."""
+    records = [finished_record(store, pid, prompt, settings) for pid, prompt in ids]
+    lost = [pid for (pid, _), rec in zip(ids, records) if rec is None]
+    if lost:
+        raise RefusalScopeError(f"no finished record for prompt(s) {lost}; rerun the command to redo them")
+    return sorted(records, key=lambda r: r.id)
 
 
 def process_prompt(
@@ -296,6 +348,14 @@ def process_prompt(
     return rec
 
 
+def write_prompt(ctx: StageContext, store: RunStore, ranked: Mapping[int, Sequence[int]], settings: RunSettings,
+                 item: tuple[int, str]) -> None:
+    """One item of step 8, (prompt id, prompt): ``process_prompt``, then its file (atomically)."""
+    pid, prompt = item
+    rec = process_prompt(ctx, pid, prompt, ranked, settings)
+    store.write_json(rec.file_name(pid), rec.to_json())
+
+
 def stage3_prompts(records: Sequence[PromptRecord]) -> list[PromptRecord]:
     """The prompts Stage 3 runs on: those whose Stage 2 ran (it needs their Stage-2 sets)."""
     return [r for r in records if r.stage2 is not None and r.stage2.best().features]
@@ -311,10 +371,15 @@ def run_stage3_step(
     store: RunStore,
     cache,
     progress: bool = True,
+    new_judge: Callable[[], Judge] | None = None,
 ) -> tuple[list, dict]:
-    """Step: Stage 3 (``stages.stage3``) on every prompt with a Stage-2 set; resumable per prompt."""
+    """Step: Stage 3 (``stages.stage3``) on every prompt with a Stage-2 set; resumable per prompt. With
+    ``settings.ray``, the FM's activation chunks and the prompts are done by Ray workers (``new_judge`` makes each
+    worker's judge)."""
     # imported here: Stage 3 pulls in scipy and scikit-learn, which Stages 1-2 never need
-    from refusalscope.stages.stage3 import Stage3Result, fit_interaction_models, fm_layers, run_stage3
+    from refusalscope.pipeline.distributed import run_items
+    from refusalscope.pipeline.workers import ChunkWorker, Stage3Worker
+    from refusalscope.stages.stage3 import fit_interaction_models, fm_layers
 
     opts = settings.stage3
     todo_records = stage3_prompts(records)
@@ -325,17 +390,20 @@ def run_stage3_step(
         )
     _, meta = load_direction(store)
     layers = fm_layers(all_saes, opts.first_layer, int(meta["layer"]))
-    fm_saes = {layer: all_saes[layer].to(lm.device, torch.float32) for layer in layers}
+    fm_saes = place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
     run = store.read_json("run.json")
+    shard = dict(ray=settings.ray, workers=settings.ray_workers, device=settings.device, progress=progress)
     models = fit_interaction_models(
         lm,
         fm_saes,
         store,
         opts,
         stage2_features=[f for r in todo_records for f in r.stage2.best().features],
-        data_dir=settings.data_dir or run.get("data_dir"),
+        data_dir=settings.data_dir or store.resolve(run.get("data_dir")),
         batch_size=settings.batch_size,
         progress=progress,
+        compute_chunks=(lambda chunks: run_items(chunks, ChunkWorker(settings, layers), desc="stage 3 activations",
+                                                 unit="chunk", **shard)) if settings.ray else None,
     )
     ctx = StageContext(
         lm,
@@ -346,28 +414,41 @@ def run_stage3_step(
         score_batch_size=settings.stage2_batch_size,
         cache=cache,
     )
-    key = {**stage_key(settings), "stage3": opts.model_dump(mode="json"), "models": models.report["inputs"]}
-
-    def finished(rec: PromptRecord):
-        name = Stage3Result.file_name(rec.id)
-        if not store.exists(name):
-            return None
-        try:
-            done = Stage3Result.model_validate(store.read_json(name))
-        except Exception:  # an older layout: recomputed
-            return None
-        return done if done.settings == key and done.prompt == rec.prompt else None
-
-    results = {rec.id: finished(rec) for rec in todo_records}
-    with tqdm(total=len(todo_records), initial=sum(r is not None for r in results.values()), desc="stage 3",
-              unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
-        for rec in todo_records:
-            if results[rec.id] is not None:
-                continue
-            chosen = rec.stage2.best()
-            done = run_stage3(ctx, rec.id, rec.prompt, chosen.features, chosen.tau, models, opts, key)
-            store.write_json(Stage3Result.file_name(rec.id), done.model_dump(mode="json"))
-            results[rec.id] = done
-            bar.update(1)
-    results = [results[rec.id] for rec in todo_records]
+    key = store.portable(
+        {**stage_key(settings), "stage3": opts.model_dump(mode="json"), "models": models.report["inputs"]}
+    )
+    done = {rec.id for rec in todo_records if finished_stage3(store, rec, key) is not None}
+    todo = [(rec.id, rec.prompt, list(rec.stage2.best().features), rec.stage2.best().tau)
+            for rec in todo_records if rec.id not in done]
+    run_items(todo, Stage3Worker(settings, new_judge, layers, models, key),
+              local=partial(write_stage3_prompt, ctx, store, models, opts, key), desc="stage 3", done=len(done),
+              **shard)
+    results = [finished_stage3(store, rec, key) for rec in todo_records]  # the files, as a rerun reads them
+    lost = [rec.id for rec, res in zip(todo_records, results) if res is None]
+    if lost:
+        raise RefusalScopeError(f"Stage 3 wrote no result for prompt(s) {lost}; rerun the command to redo them")
     return results, models.report
+
+
+def finished_stage3(store: RunStore, rec: PromptRecord, key: dict):
+    """The prompt's saved Stage-3 result if it was made for this prompt with this key."""
+    from refusalscope.stages.stage3 import Stage3Result
+
+    name = Stage3Result.file_name(rec.id)
+    if not store.exists(name):
+        return None
+    try:
+        done = Stage3Result.model_validate(store.read_json(name))
+    except Exception:  # an older layout: recomputed
+        return None
+    return done if done.settings == key and done.prompt == rec.prompt else None
+
+
+def write_stage3_prompt(ctx: StageContext, store: RunStore, models, opts, key: dict,
+                        item: tuple[int, str, list, float]) -> None:
+    """One item of Stage 3, (prompt id, prompt, its Stage-2 set, τ): ``run_stage3``, then its file (atomically)."""
+    from refusalscope.stages.stage3 import Stage3Result, run_stage3
+
+    pid, prompt, features, tau = item
+    done = run_stage3(ctx, pid, prompt, features, tau, models, opts, key)
+    store.write_json(Stage3Result.file_name(pid), done.model_dump(mode="json"))

@@ -66,6 +66,8 @@ def write_results(store: RunStore, records: Sequence[PromptRecord], n_prompts: i
     store.write_table("stage1.parquet", s1)
     summary: dict = {"n_prompts": n_prompts, "n_refused_baseline": n_refused, "n_processed": len(records),
                      "judge": settings.judge,
+                     # early-stopped completions end where the judge's verdict became fixed (--early-stop)
+                     "completions": "stopped early by the judge" if settings.early_stop else "full length",
                      "stage1": {"jailbroken": int(s1.jailbroken.sum()) if len(s1) else 0,
                                 "mean_k": float(s1.k.dropna().mean()) if len(s1) and s1.k.notna().any() else None,
                                 "mean_size": float(s1["size"].mean()) if len(s1) else None}}

@@ -97,7 +97,7 @@ def active_features(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], featu
     latents = {layer_id: ids for layer_id, ids in latents.items() if ids is None or len(ids)}
     rec = LatentRecorder(saes, latents)
     batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
-    ivs = [rec] if not ablate else [LatentAblation.build(saes, as_latent_set(ablate)), rec]
+    ivs = [rec] if not ablate else [LatentAblation.build(saes, as_latent_set(ablate), device=lm.device), rec]
     with hooked(lm.model, hooks_for(ivs, lm.n_layers)), batch_context(batch["attention_mask"]):
         lm.model(**batch, logits_to_keep=1, use_cache=False)
     out: dict[Feature, float] = {}

@@ -1,21 +1,30 @@
-"""The run's SAE set: train or choose it, record it in the run store (``saes.json``), load it, report quality."""
+"""The run's SAE set: train or choose it, record it in the run store (``saes.json``), load it, report quality.
+
+``saes.json`` holds no machine-specific path, so a run directory can move between machines: a set under the SAE
+cache (the ones we train) is recorded as ``cache:REL`` and found again under this machine's cache
+(``REFUSALSCOPE_CACHE``), a directory inside the run as ``run:REL``; registry names, ``saelens:`` ids and the
+user's own directories as given. Runs that recorded an absolute cache path still load.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
 from refusalscope.config import SaeEvalSettings, SaeTrainSettings, parse_layers
 from refusalscope.data import load_prompts
 from refusalscope.errors import RefusalScopeError
-from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.loading import LoadedModel, cache_root
 from refusalscope.saes.sae import Sae, check_against_model
-from refusalscope.saes.registry import load_sae_set
+from refusalscope.saes.registry import SAE_SETS, load_sae_set
 from refusalscope.saes.training.topk import TrainConfig
 from refusalscope.saes.evals import evaluate_sae_set
 from refusalscope.saes.training.cached import train_sae_set
-from refusalscope.store import RunStore
+from refusalscope.store import RUN_PREFIX, RunStore
+
+CACHE_PREFIX = "cache:"  # a path under the refusalscope cache (``lm.loading.cache_root``), relative to it
 
 
 def default_layers(store: RunStore, n_layers: int, spec: str | None, stride: int = 1) -> list[int]:
@@ -40,8 +49,54 @@ def _prompts(names: Sequence[str], data_dir: str | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def portable_spec(store: RunStore, spec: str) -> str:
+    """How ``saes.json`` records the SAE set ``spec`` (see the module docstring)."""
+    if spec in SAE_SETS or spec.startswith(("saelens:", CACHE_PREFIX, RUN_PREFIX)):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec
+    inside = store.portable(str(path.absolute()))
+    if inside.startswith(RUN_PREFIX):
+        return inside
+    path, cache = path.resolve(), cache_root().resolve()
+    if cache in path.parents:
+        return CACHE_PREFIX + path.relative_to(cache).as_posix()
+    return spec
+
+
+def resolve_spec(store: RunStore, spec: str) -> str:
+    """The spec ``load_sae_set`` loads on this machine for a recorded one: ``cache:REL`` under this machine's
+    cache, ``run:REL`` under the run directory; an absolute cache path recorded by an older run that no longer
+    exists is looked up under this machine's cache (``.../saes/MODEL/KEY``)."""
+    if spec.startswith(CACHE_PREFIX):
+        path = cache_root() / spec[len(CACHE_PREFIX):]
+        if not path.is_dir():
+            raise RefusalScopeError(
+                f"the run's SAE set {spec} is not in this machine's cache ({cache_root()}): copy "
+                f"{spec[len(CACHE_PREFIX):]} there from the machine that trained it, or point REFUSALSCOPE_CACHE "
+                "at a cache that has it"
+            )
+        return str(path)
+    if spec.startswith(RUN_PREFIX):
+        return store.resolve(spec)
+    path = Path(spec).expanduser()
+    if path.is_absolute() and not path.exists() and len(path.parts) > 3 and path.parts[-3] == "saes":
+        local = cache_root().joinpath(*path.parts[-3:])
+        if local.is_dir():
+            return str(local)
+    return spec
+
+
+def same_sae_set(store: RunStore, given: str, recorded: str) -> bool:
+    """Whether ``--saes given`` names the set a run recorded (in either form)."""
+    return given == recorded or portable_spec(store, given) == portable_spec(store, resolve_spec(store, recorded))
+
+
 def record_sae_set(store: RunStore, spec: str, layers: Sequence[int], info: dict | None = None) -> None:
-    store.write_json("saes.json", {"spec": spec, "layers": sorted(layers), **(info or {})})
+    store.write_json(
+        "saes.json", store.portable({"spec": portable_spec(store, spec), "layers": sorted(layers), **(info or {})})
+    )
 
 
 def load_run_saes(
@@ -53,7 +108,7 @@ def load_run_saes(
     missing = sorted(set(wanted) - set(rec["layers"]))
     if missing:
         raise RefusalScopeError(f"the run has no SAE for layer(s) {missing}; it has {rec['layers']}")
-    saes = load_sae_set(rec["spec"], wanted)
+    saes = load_sae_set(resolve_spec(store, rec["spec"]), wanted)
     if lm is not None:
         check_against_model(saes, lm.n_layers, lm.d_model)
     return saes
@@ -94,8 +149,12 @@ def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, 
         batch_size=settings.batch_size,
     )
     check_against_model(saes, lm.n_layers, lm.d_model)
+    spec = portable_spec(store, str(set_dir))
     record_sae_set(
-        store, str(set_dir), layers, {"kind": "trained", "train": info, "config": settings.model_dump(mode="json")}
+        store,
+        spec,
+        layers,
+        {"kind": "trained", "train": {**info, "set_dir": spec}, "config": settings.model_dump(mode="json")},
     )
     table = evaluate_sae_set(
         lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size

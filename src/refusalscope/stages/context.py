@@ -20,7 +20,7 @@ from refusalscope.lm.inference import generate
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.saes.features import Feature, active_features, as_latent_set, features_of
 from refusalscope.saes.sae import Sae
-from refusalscope.stages.scoring import refusal_probs
+from refusalscope.stages.scoring import SetScorer, prompt_scorer, refusal_probs
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,13 @@ class StageContext:
     # sets per scoring forward; our choice: 64 on CPU (memory-bound), 1,024 on a GPU (fills an H100 at 2B shapes)
     score_batch_size: int | None = None
     cache: CompletionCache = field(default_factory=CompletionCache)
+    # Stage 2 skips chain steps whose block did not fire (exact); None: our choice, on CPU only, where every
+    # set costs a forward of its own, while a GPU scores its ~1,000 sets per forward at almost no extra cost
+    skip_inactive: bool | None = None
+    # stop a generation once the judge's verdict cannot change (``Judge.decided``): exact verdicts, shorter
+    # completions; our choice: off, since stored completions are read by people (samples in reports)
+    early_stop: bool = False
+    _clean: dict = field(default_factory=dict, repr=False)  # prompt -> its clean activations (``activations``)
 
     @property
     def scoring_batch(self) -> int:
@@ -114,8 +121,19 @@ class StageContext:
         return 1024 if torch.device(self.lm.device).type == "cuda" else 64
 
     @property
+    def skips_inactive(self) -> bool:
+        if self.skip_inactive is not None:
+            return self.skip_inactive
+        return torch.device(self.lm.device).type != "cuda"
+
+    @property
     def generation_settings(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "dtype": str(self.lm.dtype), "greedy": True}
+        """What a completion depends on besides prompt and set (part of its cache key). An early-stopped
+        completion names the judge that stopped it: it is complete only for that judge's verdict."""
+        out = {"max_new_tokens": self.max_new_tokens, "dtype": str(self.lm.dtype), "greedy": True}
+        if self.early_stop:
+            out["stopped_by"] = self.judge.name
+        return out
 
     def judged(self, prompt: str, sets: Sequence[Iterable]) -> list[Judged]:
         """Ablate each set (one generation row per distinct set, all in one batch), generate, judge.
@@ -128,15 +146,21 @@ class StageContext:
         known = self.cache.get_many(list(cache_keys.values()))
         todo = [k for k, ck in cache_keys.items() if ck not in known]
         if todo:
+            stop = (lambda texts: self.judge.decided([prompt] * len(texts), texts)) if self.early_stop else None
             outs = generate(self.lm, [prompt] * len(todo), max_new_tokens=self.max_new_tokens,
-                            batch_size=self.batch_size, progress=False,
-                            interventions=[LatentAblation.build(self.saes, [as_latent_set(k) for k in todo])])
+                            batch_size=self.batch_size, progress=False, stop=stop,
+                            interventions=[LatentAblation.build(self.saes, [as_latent_set(k) for k in todo],
+                                                                device=self.lm.device)])
             self.cache.put_many([(cache_keys[k], prompt, k, settings, o) for k, o in zip(todo, outs)])
             known.update({cache_keys[k]: o for k, o in zip(todo, outs)})
         uniq = list(cache_keys)
         completions = [known[cache_keys[k]] for k in uniq]
         verdicts = dict(zip(uniq, self.judge.judge([prompt] * len(uniq), completions))) if uniq else {}
         return [Judged(known[cache_keys[k]], verdicts[k]) for k in keys]
+
+    def scorer(self, prompt: str, candidates: Sequence[Feature]) -> SetScorer:
+        """P(refusal) of ``prompt`` under any subsets of ``candidates``, shared work prepared once."""
+        return prompt_scorer(self.lm, prompt, self.saes, candidates, batch_size=self.scoring_batch)
 
     def refusal_probs(self, prompt: str, candidates: Sequence[Feature], member: torch.Tensor) -> torch.Tensor:
         """P(refusal) at the last prompt position with each row of ``member`` ablated (paper, Eq. 1's P(p, A))."""
@@ -145,5 +169,15 @@ class StageContext:
 
     def activations(self, prompt: str, features: Iterable[Feature] | None = None,
                     ablate: Iterable[Feature] = ()) -> dict[Feature, float]:
-        """Max activation over the prompt's positions (only firing features when ``features`` is None)."""
-        return active_features(self.lm, prompt, self.saes, features, ablate=ablate)
+        """Max activation over the prompt's positions (only firing features when ``features`` is None).
+
+        The clean activations of every feature (no ``features``, nothing ablated: a full encode of every layer,
+        asked for by the Stage-2 checks and again by Stage 3) are kept for the last few prompts."""
+        ablate = list(ablate)
+        if features is not None or ablate:
+            return active_features(self.lm, prompt, self.saes, features, ablate=ablate)
+        if prompt not in self._clean:
+            while len(self._clean) >= 4:
+                self._clean.pop(next(iter(self._clean)))
+            self._clean[prompt] = active_features(self.lm, prompt, self.saes)
+        return dict(self._clean[prompt])

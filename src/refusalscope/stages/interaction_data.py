@@ -178,14 +178,27 @@ def _read_meta(path) -> dict | None:
     return meta if keys == set(FIELDS) else None
 
 
+def write_chunk(lm, saes: Mapping[int, Sae], store: RunStore, item: tuple[Sequence[str], str, dict], *,
+                n_positions: int = 4, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """One chunk, ``item`` = (prompts, file name, metadata): ``encode_last_positions``, stored atomically."""
+    prompts, name, meta = item
+    coo = encode_last_positions(lm, saes, prompts, n_positions=n_positions, batch_size=batch_size, on_batch=on_batch)
+    store.write_tensors(name, coo, metadata=meta)
+    return coo
+
+
 def collect_activations(lm, saes: Mapping[int, Sae], table: pd.DataFrame, store: RunStore, *,
                         name: str = "stage3/activations", chunk_size: int = 64, batch_size: int = 16,
-                        n_positions: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
+                        n_positions: int = 4, progress: bool = True,
+                        compute: Callable[[list[tuple[list[str], str, dict]]], None] | None = None
+                        ) -> dict[str, torch.Tensor]:
     """``encode_last_positions`` of ``table.prompt``, resumable; row = the table's row number (0-based).
 
     Chunk c (prompts c·chunk_size …) is stored atomically as ``{name}/chunk_{c:05d}.safetensors`` with chunk-local
     rows; a chunk whose metadata (prompts hash, layers, n_positions, SAE fingerprints, model) matches is reused,
-    any other is recomputed. Chunk files past the table's end are left alone.
+    any other is recomputed. Chunk files past the table's end are left alone. ``compute``, when given, writes the
+    missing chunks elsewhere first (``write_chunk`` on each item, e.g. on Ray workers); they are then read back.
     """
     if chunk_size < 1:
         raise RefusalScopeError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -194,6 +207,9 @@ def collect_activations(lm, saes: Mapping[int, Sae], table: pd.DataFrame, store:
     names = [f"{name}/chunk_{c:05d}.safetensors" for c in range(len(bounds))]
     metas = [_chunk_meta(lm, saes, prompts[lo:hi], n_positions) for lo, hi in bounds]
     valid = [_read_meta(store.path(n)) == m for n, m in zip(names, metas)]
+    if compute is not None and not all(valid):
+        compute([(prompts[lo:hi], n, m) for (lo, hi), n, m, ok in zip(bounds, names, metas, valid) if not ok])
+        valid = [_read_meta(store.path(n)) == m for n, m in zip(names, metas)]
     done = sum(hi - lo for (lo, hi), ok in zip(bounds, valid) if ok)
     parts = []
     with tqdm(total=len(prompts), initial=done, desc="stage 3 activations", unit="prompt", disable=not progress,
@@ -202,9 +218,8 @@ def collect_activations(lm, saes: Mapping[int, Sae], table: pd.DataFrame, store:
             if ok:
                 coo, _ = store.read_tensors(chunk)
             else:
-                coo = encode_last_positions(lm, saes, prompts[lo:hi], n_positions=n_positions, batch_size=batch_size,
-                                            on_batch=bar.update)
-                store.write_tensors(chunk, coo, metadata=meta)
+                coo = write_chunk(lm, saes, store, (prompts[lo:hi], chunk, meta), n_positions=n_positions,
+                                  batch_size=batch_size, on_batch=bar.update)
             coo = dict(coo)
             coo["row"] = coo["row"] + lo
             parts.append(coo)

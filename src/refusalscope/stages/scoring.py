@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from refusalscope.interventions import hooks_for
-from refusalscope.interventions.latents import LatentAblation
-from refusalscope.lm.hooks import batch_context, hooked, replayed_layers
+from refusalscope.interventions.latents import CandidatePlans, LatentAblation
+from refusalscope.lm.hooks import batch_context, hooked, layer_outputs, replaying
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat, tokenize
 from refusalscope.saes.features import Feature, as_latent_set, membership
@@ -42,54 +42,94 @@ def clean_prefix_length(model: torch.nn.Module, n_layers: int, batch: Mapping[st
     return min(first, T - 1)
 
 
-@torch.inference_mode()
+class SetScorer:
+    """P(refusal tokens) at the last position of one tokenized prompt (1, T) under many ablated subsets of one
+    candidate list (float64, one value per row of a (R, len(candidates)) membership matrix).
+
+    What every set shares is prepared once, at construction, and reused by every call (``share``; "auto" picks
+    whichever saves more):
+    - "positions": the leading positions no candidate touches (``clean_prefix_length``) run once and their
+      key/value cache is shared by every row (fewer tokens per row);
+    - "layers": the layers below the lowest candidate layer run once and are replayed (``hooks.replaying``);
+    - "none": every row runs the whole forward.
+    All give the same result, up to float rounding that depends on batch shapes. The candidates' SAE columns are
+    sliced (and moved to the model's device) once, too.
+    """
+
+    def __init__(self, model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
+                 token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
+                 batch_size: int = 32, fast: bool = True, share: str = "auto"):
+        if share not in ("auto", "positions", "layers", "none"):
+            raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
+        self.model, self.n_layers, self.batch = model, n_layers, dict(batch)
+        self.device = batch["input_ids"].device
+        self.ids = torch.as_tensor(list(token_ids), device=self.device)
+        self.n, self.batch_size, self.fast = len(candidates), batch_size, fast
+        self.plans = CandidatePlans.build(saes, candidates, self.device) if len(candidates) else None
+        self.p0, self.cache, self.outs = 0, None, {}
+        self.rows_scored = 0  # sets run through the model so far (what a caller's savings are measured in)
+        if share != "none" and len(candidates):
+            T = batch["input_ids"].shape[1]
+            low = min(int(layer) for layer, _ in candidates)
+            p0 = clean_prefix_length(model, n_layers, batch, saes, candidates) if share != "layers" else 0
+            if p0 > 0 and (share == "positions" or p0 / T >= low / n_layers):
+                self.p0 = p0
+                with torch.inference_mode():
+                    self.cache = model(input_ids=batch["input_ids"][:, :p0],
+                                       attention_mask=batch["attention_mask"][:, :p0],
+                                       use_cache=True, logits_to_keep=1).past_key_values
+            elif share != "positions":
+                self.outs = layer_outputs(model, self.batch, low)
+
+    @torch.inference_mode()
+    def __call__(self, member: torch.Tensor, fired: bool = False):
+        """P per row of ``member``; with ``fired``, also (R, n) bool: which of the row's ablated candidates fired
+        (z > 0 at some position) in that row's forward."""
+        out = torch.empty(member.shape[0], dtype=torch.float64)
+        fired_out = torch.zeros(member.shape[0], self.n, dtype=torch.bool)
+        with replaying(self.model, self.outs):
+            for start in range(0, member.shape[0], self.batch_size):
+                chunk = member[start:start + self.batch_size].to(self.device)
+                rows = {k: v.expand(chunk.shape[0], -1) for k, v in self.batch.items()}
+                sink: dict[int, list[torch.Tensor]] | None = {} if fired else None
+                ivs = [LatentAblation(self.plans.for_rows(chunk), True, None, self.fast, fired=sink)] \
+                    if self.plans is not None else []
+                with hooked(self.model, hooks_for(ivs, self.n_layers)), batch_context(rows["attention_mask"]):
+                    if self.cache is None:
+                        logits = self.model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+                    else:
+                        past = copy.deepcopy(self.cache)
+                        past.batch_repeat_interleave(chunk.shape[0])
+                        logits = self.model(input_ids=rows["input_ids"][:, self.p0:],
+                                            attention_mask=rows["attention_mask"], past_key_values=past,
+                                            use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, self.ids].sum(-1).double().cpu()
+                if sink and self.plans is not None:
+                    fired_out[start:start + chunk.shape[0]] = self.plans.fired_columns(
+                        {layer: torch.cat(parts) for layer, parts in sink.items()})
+                self.rows_scored += chunk.shape[0]
+        return (out, fired_out) if fired else out
+
+
 def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                             token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
                             member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
                             share: str = "auto") -> torch.Tensor:
     """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
-    ``member`` (R, len(candidates)): the row's marked candidates are ablated.
-
-    Work that every row shares can be done once (``share``; "auto" picks whichever saves more):
-    - "positions": the leading positions no candidate touches (``clean_prefix_length``) run once and their
-      key/value cache is shared by every row (fewer tokens per row);
-    - "layers": the layers below the lowest candidate layer run once and are replayed (``hooks.replayed_layers``);
-    - "none": every row runs the whole forward.
-    All give the same result, up to float rounding that depends on batch shapes.
-    """
+    ``member`` (R, len(candidates)): the row's marked candidates are ablated. A ``SetScorer`` for one call
+    (shared work only when there is more than one row)."""
     if share not in ("auto", "positions", "layers", "none"):
         raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
-    device = batch["input_ids"].device
-    ids = torch.as_tensor(list(token_ids), device=device)
-    out = torch.empty(member.shape[0], dtype=torch.float64)
-    if not len(candidates):
-        member = torch.zeros(member.shape[0], 0, dtype=torch.bool)
-    p0, cache, frozen = 0, None, 0
-    if share != "none" and len(candidates) and member.shape[0] > 1:
-        T = batch["input_ids"].shape[1]
-        low = min(int(layer) for layer, _ in candidates)
-        if share != "layers":
-            p0 = clean_prefix_length(model, n_layers, batch, saes, candidates)
-        if p0 > 0 and (share == "positions" or p0 / T >= low / n_layers):
-            cache = model(input_ids=batch["input_ids"][:, :p0], attention_mask=batch["attention_mask"][:, :p0],
-                          use_cache=True, logits_to_keep=1).past_key_values
-        elif share != "positions":
-            p0, frozen = 0, low
-    with replayed_layers(model, dict(batch), frozen):
-        for start in range(0, member.shape[0], batch_size):
-            chunk = member[start:start + batch_size].to(device)
-            rows = {k: v.expand(chunk.shape[0], -1) for k, v in batch.items()}
-            ivs = [LatentAblation.from_membership(saes, candidates, chunk, fast=fast)] if len(candidates) else []
-            with hooked(model, hooks_for(ivs, n_layers)), batch_context(rows["attention_mask"]):
-                if cache is None:
-                    logits = model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-                else:
-                    past = copy.deepcopy(cache)
-                    past.batch_repeat_interleave(chunk.shape[0])
-                    logits = model(input_ids=rows["input_ids"][:, p0:], attention_mask=rows["attention_mask"],
-                                   past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-            out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, ids].sum(-1).double().cpu()
-    return out
+    return SetScorer(model, n_layers, batch, token_ids, saes, candidates, batch_size=batch_size, fast=fast,
+                     share=share if member.shape[0] > 1 else "none")(member)
+
+
+def prompt_scorer(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
+                  batch_size: int = 32, fast: bool = True, share: str = "auto") -> SetScorer:
+    """A ``SetScorer`` of one chat-formatted prompt with the model's refusal tokens."""
+    batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
+    return SetScorer(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, batch_size=batch_size,
+                     fast=fast, share=share)
 
 
 def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: Sequence[Iterable[Feature]], *,

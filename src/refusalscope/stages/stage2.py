@@ -11,6 +11,11 @@ Two implementations that must agree exactly:
   chain C = S_0 ⊃ S_1 ⊃ … fixed by the seed's block order alone. All P(S_t) of a seed are one batch of forwards,
   and every τ is then a threshold on the same Δ_t: K(τ) = ∪ {V_t : Δ_t ≥ τ}.
 Blocks are drawn with ``random.Random(seed).sample`` from the remaining pool in candidate order, identically in both.
+
+``build_chains_skipping`` gives the same chains with fewer forwards: if no feature of block V_t fired (z > 0 at any
+position) in the forward of S_{t-1}, where they are ablated, then ablating them or not changes nothing in that
+forward (by induction over layers: the stream stays the same, so their z stays 0), so S_t = S_{t-1} \\ V_t has
+exactly the forward of S_{t-1}: P(S_t) = P(S_{t-1}) and Δ_t = 0 without running it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ if TYPE_CHECKING:
 
 # (R, n) boolean membership over the candidate list -> P(refusal) per row
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
+# the same, plus (R, n) bool: which of each row's ablated candidates fired (z > 0 somewhere) in the row's forward
+FiredProbFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 EPS = 1e-12
 
 
@@ -122,6 +129,60 @@ def build_chains(candidates: Sequence[Feature], prob: ProbFn, seeds: Sequence[in
     return [Chain(s, orders[s], [p[0], *p[spans[s][0]:spans[s][1]]]) for s in seeds]
 
 
+def build_chains_skipping(candidates: Sequence[Feature], prob: FiredProbFn, seeds: Sequence[int], block: int = 5,
+                          batch_size: int = 64) -> tuple[list[Chain], dict[str, int]]:
+    """``build_chains`` without the forwards of steps whose block did not fire in the previous set's forward
+    (module docstring): the same chains, P(S_t) = P(S_{t-1}) exactly for those steps. Returns (chains,
+    {"scored": sets run through the model, "skipped": steps copied}).
+
+    Whether a step can be skipped is known only once the previous set's forward has run, so each round scores,
+    for every seed, the first step that needs a forward plus the following steps predicted to need one from the
+    last known firing pattern (up to ``batch_size`` sets per round); a step predicted skippable is checked
+    against its real predecessor before it is copied, and scored in a later round when the check fails.
+    """
+    orders = {s: block_order(candidates, s, block) for s in seeds}
+    n = len(candidates)
+    col = {f: j for j, f in enumerate(candidates)}
+    cols = {s: [torch.tensor([col[f] for f in V], dtype=torch.long) for V in orders[s]] for s in seeds}
+    member = {s: chain_membership(candidates, orders[s]) for s in seeds}  # rows S_1 … S_T
+    p0, f0 = prob(torch.ones(1, n, dtype=torch.bool))
+    probs = {s: [float(p0[0])] + [None] * len(orders[s]) for s in seeds}
+    fired = {s: [f0[0]] + [None] * len(orders[s]) for s in seeds}
+    known = {s: 0 for s in seeds}  # steps 0..known[s] have P and firing pattern
+    stats = {"scored": 1, "skipped": 0}
+
+    def silent(s: int, t: int, pattern: torch.Tensor) -> bool:
+        return not bool(pattern[cols[s][t - 1]].any())
+
+    while True:
+        for s in seeds:  # settle every step that is known now: scored, or its block silent in its predecessor
+            T = len(orders[s])
+            while known[s] < T:
+                t = known[s] + 1
+                if probs[s][t] is None:
+                    if not silent(s, t, fired[s][t - 1]):
+                        break
+                    probs[s][t], fired[s][t] = probs[s][t - 1], fired[s][t - 1] & member[s][t - 1]
+                    stats["skipped"] += 1
+                known[s] = t
+        open_seeds = [s for s in seeds if known[s] < len(orders[s])]
+        if not open_seeds:
+            break
+        wanted: list[tuple[int, int]] = []  # (step, seed), every open seed's first step always included
+        for s in open_seeds:
+            last = fired[s][known[s]]
+            wanted += [(t, s) for t in range(known[s] + 1, len(orders[s]) + 1)
+                       if t == known[s] + 1 or (probs[s][t] is None and not silent(s, t, last))]
+        firsts = [(known[s] + 1, s) for s in open_seeds]
+        rest = sorted(w for w in wanted if w not in firsts)
+        batch = firsts + rest[:max(0, batch_size - len(firsts))]
+        p, f = prob(torch.stack([member[s][t - 1] for t, s in batch]))
+        stats["scored"] += len(batch)
+        for (t, s), pi, fi in zip(batch, p.tolist(), f):
+            probs[s][t], fired[s][t] = pi, fi
+    return [Chain(s, orders[s], probs[s]) for s in seeds], stats
+
+
 def prune_batched(candidates: Sequence[Feature], prob: ProbFn, taus: Sequence[float], seeds: Sequence[int],
                   block: int = 5) -> tuple[dict[tuple[float, int], list[Feature]], list[Chain]]:
     """K for every (τ, seed), from one batch of forwards; returns ({(τ, seed): K}, chains)."""
@@ -171,6 +232,7 @@ class Stage2Result(BaseModel):
     per_tau: list[TauResult]
     chains: list[ChainRecord]
     seconds: dict[str, float] = Field(default_factory=dict)
+    scored: dict[str, int] = Field(default_factory=dict)  # sets run through the model; chain steps skipped
 
     def best(self) -> TauResult:
         """The set later steps use: our choice, the smallest jailbreaking non-empty set (ties: the larger τ),
@@ -182,15 +244,20 @@ class Stage2Result(BaseModel):
 
 
 def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *, taus: Sequence[float],
-               seeds: Sequence[int], block: int = 5) -> Stage2Result:
-    """Algorithm 1 on a prompt's Stage-1 set, every (τ, seed) from one batch of forwards (``prune_batched``);
+               seeds: Sequence[int], block: int = 5, skip_inactive: bool | None = None) -> Stage2Result:
+    """Algorithm 1 on a prompt's Stage-1 set, every (τ, seed) from one batch of forwards (``prune_batched``), or
+    without the steps whose block did not fire (``build_chains_skipping``; default: ``ctx.skips_inactive``);
     each τ keeps the features found with every seed and its set is judged by generation."""
     t0 = time.perf_counter()
-
-    def prob(member: torch.Tensor) -> torch.Tensor:
-        return ctx.refusal_probs(prompt, candidates, member)
-
-    kept, chains = prune_batched(candidates, prob, taus, seeds, block)
+    skip = ctx.skips_inactive if skip_inactive is None else skip_inactive
+    scorer = ctx.scorer(prompt, candidates)
+    if skip:
+        chains, scored = build_chains_skipping(candidates, lambda m: scorer(m, fired=True), seeds, block,
+                                               batch_size=ctx.scoring_batch)
+        kept = {(t, c.seed): c.kept(t) for t in taus for c in chains}
+    else:
+        kept, chains = prune_batched(candidates, scorer, taus, seeds, block)
+        scored = {"scored": scorer.rows_scored, "skipped": 0}
     t1 = time.perf_counter()
     per_tau = [TauResult(tau=t, seed_sizes=[len(kept[(t, sd)]) for sd in seeds],
                          features=intersect([kept[(t, sd)] for sd in seeds])) for t in taus]
@@ -201,4 +268,5 @@ def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *,
     return Stage2Result(candidates=len(candidates), per_tau=per_tau,
                         chains=[ChainRecord(seed=c.seed, blocks=c.blocks, probs=c.probs, deltas=c.deltas)
                                 for c in chains],
-                        seconds={"prune": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)})
+                        seconds={"prune": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)},
+                        scored=scored)

@@ -103,8 +103,10 @@ def fm_layers(saes: Mapping[int, Sae], first_layer: int, last_layer: int) -> lis
 
 def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunStore, opts: Stage3Options, *,
                            stage2_features: Sequence[Feature], data_dir: str | None, batch_size: int = 16,
-                           progress: bool = True) -> InteractionModels:
-    """Build (or reuse) the activation dataset, train (or reuse) the FM and the probe; see the module docstring."""
+                           progress: bool = True, compute_chunks=None) -> InteractionModels:
+    """Build (or reuse) the activation dataset, train (or reuse) the FM and the probe; see the module docstring.
+
+    ``compute_chunks`` computes missing activation chunks elsewhere (``interaction_data.collect_activations``)."""
     harmful = load_prompts(opts.harmful, data_dir=data_dir).texts
     harmless = load_prompts(opts.harmless, data_dir=data_dir).texts
     layers = list(saes)
@@ -125,7 +127,7 @@ def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunS
     table = idata.build_prompt_table(harmful, harmless, seed=opts.seed)
     store.write_table("stage3/dataset.parquet", table)
     coo = idata.collect_activations(lm, saes, table, store, batch_size=batch_size, n_positions=opts.n_positions,
-                                    progress=progress)
+                                    progress=progress, compute=compute_chunks)
     y = table.label.to_numpy()
     rows = {name: (table.split == name).to_numpy() for name in ("train", "val", "test")}
     widths = {layer: saes[layer].width for layer in layers}

@@ -1,0 +1,46 @@
+"""benchmarks/pipeline_gpu.py at toy size on the CPU, so the GPU benchmark cannot rot: every stage is timed, every
+sweep runs to its cap, and the reference ratios are there."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(monkeypatch, name):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, capsys):
+    bench = _load(monkeypatch, "pipeline_gpu")
+    path = tmp_path / "out.json"
+    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--json", str(path)])
+    assert json.loads(path.read_text()) == out
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1]) == out  # the last line is the JSON object
+    for stage in ("stage1", "stage2", "controls", "stage3"):
+        assert stage in printed
+        times = out["per_prompt"][stage]
+        assert len(times["seconds"]) == 2 and times["seconds_mean"] > 0 and times["rss_high_water_mb"] > 0
+        ref = out["reference"][stage]
+        assert ref["reference_s"] > 0 and ref["ratio"] == pytest.approx(ref["reference_s"] / ref["fast_s"], rel=0.02)
+    assert out["direction_s_per_run"] > 0 and out["ranking_s_per_run"] >= 0
+    # worst case, whatever the random model says: Stage 1 tries every K, Stage 2 covers the whole chain of all
+    # three seeds (scored or exactly skipped), Stage 3 judges every K of the sweep, the probe's and Stage-3 only
+    toy = bench.TOY
+    d = out["detail"]
+    assert d["stage1_k_tried"] == [toy["k_cap"] // 10] * 2
+    n = out["stage2_candidates"]
+    assert n == toy["k_cap"] * (out["n_layers"] - 3)
+    assert [a + b for a, b in zip(d["stage2_sets_scored"], d["stage2_steps_skipped"])] == [1 + 3 * (n // 5)] * 2
+    assert d["stage3_rows"] == [len(out["stage3_k"]) + 2 + 1] * 2
+    assert min(out["active_features_per_prompt"]) > max(out["stage3_k"])  # Stage 3 has enough candidates
