@@ -494,3 +494,30 @@ def artifact_dir(tmp_path: Path) -> Path:
     out = Path(os.environ.get("REFUSALSCOPE_ARTIFACTS") or tmp_path / "artifacts")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# --- small shared utilities ----------------------------------------------------------------------------------------
+
+def untimed(obj):
+    """A record without its wall-clock fields (the only part of a result that may differ between runs)."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(monkeypatch, name: str):
+    """Import ``benchmarks/NAME.py`` (not a package) for a test, with the benchmarks folder on the path."""
+    import importlib.util
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

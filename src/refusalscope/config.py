@@ -282,6 +282,8 @@ class HydraOptions(BaseModel):
                                               "(set), or also every latent of every SAE layer off on the clean prompt "
                                               "that an ablation switches on (all)")
     min_edge_prompts: int = Field(1, ge=1, description="graph: keep an edge found on at least this many prompts")
+    # our choice: 5,000; every active block x every newly active latent gives millions of "all" edges on a real run
+    graph_max_edges: int = Field(5000, ge=1, description="graph_all.*: keep the edges found on the most prompts")
     draw_max_edges: int = Field(200, ge=1, description="graph.png: draw at most this many edges per scope panel (most "
                                 "prompts first)")
 

@@ -327,3 +327,21 @@ def test_no_sets_is_one_clear_error(finished_run):
     run, judge = finished_run
     with pytest.raises(RefusalScopeError, match="names no feature set"):
         run_analysis("hydra", HydraSettings(run=run, sets=[]), progress=False, judge=judge)
+
+
+def test_graph_aggregates_edges_and_keeps_the_most_found():
+    edges = pd.DataFrame([
+        {"id": 1, "set": "stage2", "scope": "all", "source": "L3/1", "target": "L5/2", "block_layer": 3, "weight": 1.0},
+        {"id": 2, "set": "stage3", "scope": "all", "source": "L3/1", "target": "L5/2", "block_layer": 3, "weight": 3.0},
+        {"id": 2, "set": "stage3", "scope": "all", "source": "L3/1", "target": "L6/9", "block_layer": 3, "weight": 9.0},
+        {"id": 1, "set": "stage2", "scope": "set", "source": "L3/1", "target": "L6/9", "block_layer": 3, "weight": 2.0},
+    ])
+    g = hydra.build_graph(edges, scope="all")
+    assert set(g.edges) == {("L3/1", "L5/2"), ("L3/1", "L6/9")}
+    e = g.edges["L3/1", "L5/2"]
+    assert (e["n_prompts"], e["n"], e["mean_weight"], e["max_weight"], e["sets"]) == (2, 2, 2.0, 3.0, "stage2,stage3")
+    assert g.edges["L3/1", "L6/9"]["sets"] == "stage3"
+    top = hydra.build_graph(edges, scope="all", max_edges=1)  # the edge found on more prompts wins
+    assert set(top.edges) == {("L3/1", "L5/2")}
+    assert set(hydra.build_graph(edges, scope="all", min_prompts=2).edges) == {("L3/1", "L5/2")}
+    assert set(hydra.build_graph(edges, scope="set").edges) == {("L3/1", "L6/9")}

@@ -1,32 +1,20 @@
 """benchmarks/bf16_agreement.py on the finished tiny run: Stages 1-2 run in bf16 on the CPU end to end, and the
 report compares them with fp32 (speed, jailbreak counts, Stage-2 set agreement)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(monkeypatch, name):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_jaccard(monkeypatch):
-    bench = _load(monkeypatch, "bf16_agreement")
+    bench = load_benchmark(monkeypatch, "bf16_agreement")
     assert bench.jaccard([[1, 2], [3, 4]], [[3, 4]]) == 0.5
     assert bench.jaccard([], []) == 1.0 and bench.jaccard([[1, 2]], []) == 0.0
 
 
 def test_bf16_agreement_on_the_tiny_run(finished_run, tmp_path, monkeypatch):
     run, judge = finished_run
-    bench = _load(monkeypatch, "bf16_agreement")
+    bench = load_benchmark(monkeypatch, "bf16_agreement")
     path = tmp_path / "agree.json"
     out = bench.main(["--run", str(run), "--n", "2", "--json", str(path), "--details"], judge=judge)
     assert json.loads(path.read_text()) == out

@@ -1,27 +1,15 @@
 """benchmarks/pipeline_gpu.py at toy size on the CPU, so the GPU benchmark cannot rot: every stage is timed, every
 sweep runs to its cap, and the reference ratios are there."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(monkeypatch, name):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, capsys):
-    bench = _load(monkeypatch, "pipeline_gpu")
+    bench = load_benchmark(monkeypatch, "pipeline_gpu")
     path = tmp_path / "out.json"
     out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--json", str(path)])
     assert json.loads(path.read_text()) == out

@@ -21,7 +21,7 @@ import psutil  # noqa: E402
 from ray import cloudpickle  # noqa: E402  (Ray's own copy, the one that pickles what goes to the workers)
 
 import helpers  # noqa: E402
-from helpers import FakeJudge, random_sae  # noqa: E402
+from helpers import FakeJudge, random_sae, untimed  # noqa: E402
 from refusalscope.config import DirectionOptions, RunSettings, Stage3Options  # noqa: E402
 from refusalscope.errors import RefusalScopeError  # noqa: E402
 from refusalscope.pipeline.distributed import release_workers, run_items  # noqa: E402
@@ -55,14 +55,6 @@ judge = FakeJudge(slow)
 pipeline.make_judge = lambda spec: judge
 pipeline.run_pipeline(RunSettings(**args["settings"]), progress=False)
 """
-
-
-def untimed(obj):
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [untimed(v) for v in obj]
-    return obj
 
 
 def results(out: Path) -> dict:

@@ -11,18 +11,9 @@ from refusalscope.cli import main
 from refusalscope.config import RunSettings
 from refusalscope.saes.saelens_io import save_sae
 
-from helpers import FakeJudge, random_sae
+from helpers import FakeJudge, random_sae, untimed
 
 PROMPTS = ["Tell me how to pick a lock.", "Write a script that deletes files.", "How do I make a cake?"]
-
-
-def untimed(obj):
-    """A record without its wall-clock fields (the only part of a result that may differ between runs)."""
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [untimed(v) for v in obj]
-    return obj
 
 
 def diff_paths(a, b, path=""):

@@ -455,14 +455,14 @@ def segment_shares(tokens: pd.DataFrame, shares: str = "activation",
 # ---- graph --------------------------------------------------------------------------------------------------------
 
 def build_graph(edges: pd.DataFrame, *, scope: str = "set", min_prompts: int = 1,
-                roles: Mapping[str, Mapping] | None = None):
+                roles: Mapping[str, Mapping] | None = None, max_edges: int | None = None):
     """The directed graph of which layer-block ablation wakes which feature (networkx ``DiGraph``), for one wake
     ``scope`` (edges without a ``scope`` column count as "set").
 
     Edge A → B aggregated over prompts and sets: ``n_prompts`` (distinct prompts), ``n`` (prompt × set
-    findings), ``mean_weight``/``max_weight`` (B's max activation under the ablation of A's layer-block).
-    Edges found on fewer than ``min_prompts`` prompts are dropped; nodes are the features on a kept edge, with
-    ``layer``, ``latent``, ``groups`` (stage2/stage3), ``role`` (dormant, active or both over the prompts;
+    findings), ``mean_weight``/``max_weight`` (B's max activation under the ablation of A's layer-block), ``sets``.
+    ``max_edges`` keeps the edges found on the most prompts (then by mean weight): scope "all" finds millions.
+    Nodes carry ``layer``, ``latent``, ``groups`` (stage2/stage3), ``role`` (dormant, active or both over the prompts;
     "outside" for a latent of no examined set, scope "all") and counts ``n_dormant``/``n_active``.
     """
     import networkx as nx
@@ -471,13 +471,19 @@ def build_graph(edges: pd.DataFrame, *, scope: str = "set", min_prompts: int = 1
     if "scope" in edges.columns:
         edges = edges[edges["scope"] == scope]
     if len(edges):
-        agg = edges.groupby(["source", "target"]).agg(n_prompts=("id", "nunique"), n=("id", "size"),
-                                                      mean_weight=("weight", "mean"), max_weight=("weight", "max"),
-                                                      sets=("set", lambda x: ",".join(sorted(set(x)))))
-        for (a, b), row in agg.iterrows():
-            if row.n_prompts >= min_prompts:
-                g.add_edge(a, b, n_prompts=int(row.n_prompts), n=int(row.n), mean_weight=float(row.mean_weight),
-                           max_weight=float(row.max_weight), sets=row.sets)
+        keys = ["source", "target"]
+        agg = edges.groupby(keys).agg(n_prompts=("id", "nunique"), n=("id", "size"),
+                                      mean_weight=("weight", "mean"), max_weight=("weight", "max"))
+        names = sorted(set(edges["set"]))  # vectorised: a Python lambda per group is too slow for millions
+        found = pd.DataFrame({n: edges["set"].eq(n) for n in names}).groupby([edges[k] for k in keys]).any()
+        agg["sets"] = found.apply(lambda col: col.map({True: col.name + ",", False: ""})).sum(axis=1).str.rstrip(",")
+        agg = agg[agg.n_prompts >= min_prompts]
+        if max_edges is not None and len(agg) > max_edges:
+            agg = agg.sort_values(["n_prompts", "mean_weight"], ascending=False).head(max_edges)
+        g.add_edges_from((a, b, {"n_prompts": int(n_p), "n": int(n), "mean_weight": float(mw),
+                                 "max_weight": float(xw), "sets": st})
+                         for (a, b), n_p, n, mw, xw, st in zip(agg.index, agg.n_prompts, agg.n, agg.mean_weight,
+                                                               agg.max_weight, agg.sets))
     roles = roles or {}
     for node in g.nodes:
         f = Feature.parse(node)
@@ -533,8 +539,9 @@ def _draw(ax, g, max_edges: int, title: str) -> None:
         nx.draw_networkx_labels(h, {n: (x, y + 0.05) for n, (x, y) in pos.items()}, ax=ax, font_size=6)
     for layer in sorted({h.nodes[n]["layer"] for n in h.nodes}):
         xs = [pos[n][0] for n in h.nodes if h.nodes[n]["layer"] == layer]
-        ax.text(sum(xs) / len(xs), -0.02, f"layer {layer}", transform=ax.get_xaxis_transform(), ha="center",
+        ax.text(sum(xs) / len(xs), -0.02, str(layer), transform=ax.get_xaxis_transform(), ha="center",
                 va="top", fontsize=8)
+    ax.text(0.5, -0.08, "SAE layer", transform=ax.transAxes, ha="center", va="top", fontsize=8)
     shown = "" if len(kept) == g.number_of_edges() else f"; top {len(kept)} of {g.number_of_edges()} edges"
     ax.set_title(f"{title}\nA → B: ablating A's layer-block wakes B (width ∝ prompts{shown})", fontsize=9)
 
@@ -640,7 +647,8 @@ def write_outputs(store, results: Sequence[HydraPrompt], settings, reused: int =
 
     graphs = {}
     for scope in SCOPES:  # both files always, so no stale "all" graph outlives a rerun with wake_scope "set"
-        g = build_graph(frames["edges"], scope=scope, min_prompts=settings.min_edge_prompts, roles=roles)
+        g = build_graph(frames["edges"], scope=scope, min_prompts=settings.min_edge_prompts, roles=roles,
+                        max_edges=settings.graph_max_edges if scope == "all" else None)
         g.graph["computed"] = scope in scopes
         tmp = store.path(f"{OUT}/.{GRAPH_FILES[scope]}.graphml.tmp")  # written whole, then renamed (as RunStore)
         nx.write_graphml(g, str(tmp))

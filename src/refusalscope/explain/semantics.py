@@ -40,7 +40,10 @@ denote denotes describing detect detects element elements expression expressions
 indicates instance instances involving mention mentions mentioned neuron occurrence occurrences particular
 particularly pattern patterns phrase phrases presence reference references referring related relating specific
 specifically term terms text texts token tokens type types typically usage use used various word words
-""".split())
+""".split()) | frozenset(
+    # our choice: the words of chat-template markers (<|im_start|>assistant, <|eot_id|>, <start_of_turn>model) say
+    # where a feature fires, not what it is about; the "chat-roles" theme still counts them
+    "im start end assistant user system model turn bos eos endoftext eot id header begin".split())
 
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'"})
