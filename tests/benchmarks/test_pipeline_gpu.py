@@ -3,7 +3,6 @@ sweep runs to its cap, and the reference ratios are there."""
 
 import json
 
-import pytest
 
 from helpers import load_benchmark
 
@@ -20,7 +19,10 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
         times = out["per_prompt"][stage]
         assert len(times["seconds"]) == 2 and times["seconds_mean"] > 0 and times["rss_high_water_mb"] > 0
         ref = out["reference"][stage]
-        assert ref["reference_s"] > 0 and ref["ratio"] == pytest.approx(ref["reference_s"] / ref["fast_s"], rel=0.02)
+        # seconds are rounded to 3 decimals after the ratio was computed: bound it by that rounding
+        lo = (ref["reference_s"] - 5e-4) / (ref["fast_s"] + 5e-4)
+        hi = (ref["reference_s"] + 5e-4) / max(ref["fast_s"] - 5e-4, 1e-9)
+        assert ref["reference_s"] > 0 and lo * 0.99 - 0.005 <= ref["ratio"] <= hi * 1.01 + 0.005  # ratio: 2 decimals
     assert out["direction_s_per_run"] > 0 and out["ranking_s_per_run"] >= 0
     # worst case, whatever the random model says: Stage 1 tries every K, Stage 2 covers the whole chain of all
     # three seeds (scored or exactly skipped), Stage 3 judges every K of the sweep, the probe's and Stage-3 only
