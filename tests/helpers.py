@@ -150,17 +150,13 @@ class FakeJudge(Judge):
 FINISHED_PROMPTS = ["Tell me how to pick a lock.", "Write a script that deletes files.", "How do I make a cake?"]
 
 
-def build_finished_run(root: Path, model_dir: Path, data_dir: Path, lm) -> tuple[Path, "FakeJudge"]:
-    """Run Stages 1-3 of the pipeline on a tiny random model with random ReLU SAEs on layers 0-3 (large decoders,
-    so a few ablated latents change the greedy completion). The judge calls a completion refused exactly when it
-    equals the prompt's unablated completion. Returns (run directory, that judge)."""
+def write_tiny_run_inputs(root: Path, lm) -> tuple[Path, Path, dict[str, str]]:
+    """Random ReLU SAEs on layers 0-3 of ``lm`` (decoders scaled ×20, so that ablating a few latents changes the
+    tiny model's greedy completion), FINISHED_PROMPTS as a prompt file, harmful.txt / harmless.txt for the FM
+    dataset, and each prompt's unablated 6-token completion. Returns (SAE dir, prompt file, baseline)."""
     from dataclasses import replace
 
-    import pytest
-
-    from refusalscope.config import DirectionOptions, RunSettings, Stage3Options
     from refusalscope.lm.inference import generate
-    from refusalscope.pipeline import run as pipeline
     from refusalscope.saes.saelens_io import save_sae
 
     sae_dir = root / "saes"
@@ -173,6 +169,19 @@ def build_finished_run(root: Path, model_dir: Path, data_dir: Path, lm) -> tuple
     (root / "harmless.txt").write_text("\n".join(f"Write a short poem about autumn, verse {i}." for i in range(20)))
     base = dict(zip(FINISHED_PROMPTS, generate(lm, FINISHED_PROMPTS, max_new_tokens=6, batch_size=1,
                                                progress=False)))
+    return sae_dir, prompt_file, base
+
+
+def build_finished_run(root: Path, model_dir: Path, data_dir: Path, lm) -> tuple[Path, "FakeJudge"]:
+    """Run Stages 1-3 of the pipeline on a tiny random model with random ReLU SAEs on layers 0-3 (large decoders,
+    so a few ablated latents change the greedy completion). The judge calls a completion refused exactly when it
+    equals the prompt's unablated completion. Returns (run directory, that judge)."""
+    import pytest
+
+    from refusalscope.config import DirectionOptions, RunSettings, Stage3Options
+    from refusalscope.pipeline import run as pipeline
+
+    sae_dir, prompt_file, base = write_tiny_run_inputs(root, lm)
     judge = FakeJudge.refuses_baseline(base)
     settings = RunSettings(model=str(model_dir), out=root / "run", prompts=str(prompt_file), data_dir=str(data_dir),
                            saes=str(sae_dir), min_layer=1, k_step=8, k_cap=32, k_chunk=2, tau=[0.0, 0.5],

@@ -145,19 +145,14 @@ def cmd_asr(args) -> int:
 
 def _run_model(settings, store):
     """Load the model a run was made with (device/dtype flags override the run's)."""
-    from refusalscope.lm.loading import load_model
+    from refusalscope.pipeline.steps import load_recorded_model
 
-    run = store.resolve(store.read_json("run.json"))  # paths inside the run: under where it now lies
-    device = settings.device if "device" in settings.model_fields_set else run.get("device", "auto")
-    dtype = settings.dtype if "dtype" in settings.model_fields_set else run.get("dtype", "auto")
-    lm = load_model(
-        run["model"],
-        device=device,
-        dtype=dtype,
-        chat_template=settings.chat_template or run.get("chat_template"),
-        refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None,
+    return load_recorded_model(
+        store,
+        device=settings.device if "device" in settings.model_fields_set else None,
+        dtype=settings.dtype if "dtype" in settings.model_fields_set else None,
+        chat_template=settings.chat_template,
     )
-    return lm, run
 
 
 def _print_sae_report(table, as_json: bool) -> None:

@@ -2,35 +2,21 @@
 rerun after a crash (kill -9 loses at most the prompt in flight): finished prompts and the FM are reused."""
 
 import json
-from dataclasses import replace
 
 import pandas as pd
 import pytest
 
-from helpers import FakeJudge, random_sae
+from helpers import FakeJudge, write_tiny_run_inputs
 from refusalscope.cli import main
 from refusalscope.config import DirectionOptions, RunSettings
 from refusalscope.pipeline import run as pipeline
-from refusalscope.saes.saelens_io import save_sae
 from refusalscope.stages import stage3
 
-PROMPTS = ["Tell me how to pick a lock.", "Write a script that deletes files.", "How do I make a cake?"]
 
 
 @pytest.fixture
 def stage12_run(tmp_path, tiny_dirs, tiny_data_dir, tiny_lm, monkeypatch):
-    from refusalscope.lm.inference import generate
-
-    sae_dir = tmp_path / "saes"
-    for layer in (0, 1, 2, 3):
-        sae = random_sae("relu", d=tiny_lm.d_model, m=48, layer=layer, seed=layer)
-        # a large decoder, so that ablating a few latents changes the tiny model's greedy completion
-        save_sae(replace(sae, W_dec=sae.W_dec * 20), sae_dir / f"layer_{layer}")
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("\n".join(PROMPTS))
-    (tmp_path / "harmful.txt").write_text("\n".join(f"Explain how to break lock model {i}." for i in range(10)))
-    (tmp_path / "harmless.txt").write_text("\n".join(f"Write a short poem about autumn, verse {i}." for i in range(20)))
-    base = dict(zip(PROMPTS, generate(tiny_lm, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)))
+    sae_dir, prompt_file, base = write_tiny_run_inputs(tmp_path, tiny_lm)
     monkeypatch.setattr(pipeline, "make_judge", lambda spec: FakeJudge.refuses_baseline(base))
     settings = RunSettings(model=str(tiny_dirs["qwen2"]), out=tmp_path / "run", prompts=str(prompt_file),
                            data_dir=str(tiny_data_dir), saes=str(sae_dir), min_layer=1, k_step=8, k_cap=32,

@@ -132,15 +132,12 @@ class FinishedRun:
         analysis is never generated again with the same settings."""
         import torch
 
-        from refusalscope.lm.loading import load_model
+        from refusalscope.pipeline.steps import load_recorded_model
         from refusalscope.saes.run_set import load_run_saes
         from refusalscope.stages.context import CompletionCache, StageContext
 
-        run = self.store.read_json("run.json")
         cfg = self.config
-        lm = load_model(run["model"], device=device or cfg.get("device", "auto"),
-                        dtype=dtype or cfg.get("dtype", "auto"), chat_template=cfg.get("chat_template"),
-                        refusal_tokens=tuple(cfg.get("refusal_tokens") or ()) or None)
+        lm, _ = load_recorded_model(self.store, device=device, dtype=dtype)
         saes = load_run_saes(self.store, lm, layers)
         saes = {layer: sae.to(lm.device, torch.float32) for layer, sae in saes.items()}
         return StageContext(lm, saes, self.judge(judge),

@@ -101,14 +101,10 @@ def create_app(settings, store: AnnotationStore | None = None) -> Flask:
 
     @app.get("/annotate")
     def annotate():
-        name = request.args.get("annotator", "")
         try:
-            name = clean_name(name)
+            name = store.annotator(request.args.get("annotator", ""))
         except AnnotationError as e:
             return render_template("start.html", progress=store.progress(), message=e.message), e.status
-        if not store.known(name):
-            return render_template("start.html", progress=store.progress(),
-                                   message=f"unknown annotator {name!r}: enter your name to start"), 404
         return render_template("annotate.html", **feature_view(name))
 
     @app.post("/answer")
@@ -133,13 +129,10 @@ def create_app(settings, store: AnnotationStore | None = None) -> Flask:
 
     @app.get("/api/next")
     def api_next():
-        name = request.args.get("annotator", "")
         try:
-            name = clean_name(name)
+            name = store.annotator(request.args.get("annotator", ""))
         except AnnotationError as e:
             return jsonify(error=e.message), e.status
-        if not store.known(name):
-            return jsonify(error=f"unknown annotator {name!r}"), 404
         view = feature_view(name)
         view["contexts"] = [{"tokens": [t for t, _ in c["tokens"]], "top_token": c["top_token"],
                              "top_value": c["top_value"]} for c in view.get("contexts", [])]

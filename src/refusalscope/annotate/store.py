@@ -151,6 +151,13 @@ class AnnotationStore:
             db.execute("INSERT OR IGNORE INTO annotators (name, started) VALUES (?, ?)", (name, time.time()))
         return name
 
+    def annotator(self, raw: str | None) -> str:
+        """The cleaned name of a registered annotator; AnnotationError (404 when unknown) otherwise."""
+        name = clean_name(raw)
+        if not self.known(name):
+            raise AnnotationError(f"unknown annotator {name!r}: enter your name to start", 404)
+        return name
+
     def known(self, name: str) -> bool:
         with self._connect() as db:
             return db.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone() is not None

@@ -130,6 +130,21 @@ def load_run_model(settings, device: str | None = None) -> LoadedModel:
     )
 
 
+def load_recorded_model(store: RunStore, *, device: str | None = None, dtype: str | None = None,
+                        chat_template: str | None = None) -> tuple[LoadedModel, dict]:
+    """(model, run.json) of a finished run: the model loaded as the run recorded it; ``device``, ``dtype`` and
+    ``chat_template`` replace the recorded ones when given. What ``asr``, ``sae`` and the analyses load."""
+    run = store.resolve(store.read_json("run.json"))  # paths inside the run: under where it now lies
+    lm = load_model(
+        run["model"],
+        device=device or run.get("device", "auto"),
+        dtype=dtype or run.get("dtype", "auto"),
+        chat_template=chat_template or run.get("chat_template"),
+        refusal_tokens=tuple(run.get("refusal_tokens") or ()) or None,
+    )
+    return lm, run
+
+
 def _explicit(options) -> dict:
     """The options a user set (flag, environment or TOML), as JSON values."""
     dumped = options.model_dump(mode="json")

@@ -108,6 +108,15 @@ def stage1_section(files: RunFiles, opts) -> Section:
     return s
 
 
+def keyed_rows(summary, key: str, column: str) -> pd.DataFrame | None:
+    """``summary[key]``, a mapping of name → row dict (summary.json's per-τ and equal-K blocks), as a table whose
+    first column ``column`` holds the names; None when the summary lacks it."""
+    block = summary.get(key) if isinstance(summary, dict) else None
+    if not isinstance(block, dict):
+        return None
+    return pd.DataFrame([{column: name, **row} for name, row in block.items() if isinstance(row, dict)])
+
+
 def stage2_section(files: RunFiles, opts) -> Section:
     s = Section("stage2", "Stage 2: Algorithm 1, the pruned sets", "paper, Stage 2; Algorithm 1; Table 1")
     summary = files.json("summary.json") or {}
@@ -115,9 +124,7 @@ def stage2_section(files: RunFiles, opts) -> Section:
     if st2 is None and frame is None:
         s.missing = missing_line(files, "stage2")
         return s
-    per_tau = None
-    if isinstance(st2, dict) and isinstance(st2.get("per_tau"), dict):
-        per_tau = pd.DataFrame([{"tau": t, **v} for t, v in st2["per_tau"].items() if isinstance(v, dict)])
+    per_tau = keyed_rows(st2, "per_tau", "tau")
     best = st2.get("best_tau") if isinstance(st2, dict) else None
     at_best = frame
     if frame is not None and best is not None and "tau" in frame.columns:
@@ -142,9 +149,7 @@ def stage3_section(files: RunFiles, opts) -> Section:
     if st3 is None and frame is None:
         s.missing = missing_line(files, "stage3")
         return s
-    equal_k = None
-    if isinstance(st3, dict) and isinstance(st3.get("probe_equal_k"), dict):
-        equal_k = pd.DataFrame([{"K": k, **v} for k, v in st3["probe_equal_k"].items() if isinstance(v, dict)])
+    equal_k = keyed_rows(st3, "probe_equal_k", "K")
     curve = None
     if frame is not None and {"method", "k", "jailbroken"} <= set(frame.columns):
         g = frame.groupby(["k", "method"])["jailbroken"]
