@@ -24,13 +24,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def random_model(shape: str, device: torch.device, dtype: torch.dtype | None = None):
-    """(model, n_layers, d_model, vocab) with random weights, bf16 on CUDA, fp32 on CPU (unless ``dtype``)."""
+def random_model(shape: str, device: torch.device, dtype: torch.dtype | None = None, n_layers: int | None = None):
+    """(model, n_layers, d_model, vocab) with random weights, bf16 on CUDA, fp32 on CPU (unless ``dtype``);
+    ``n_layers`` overrides the shape's layer count."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
         Qwen2ForCausalLM
 
     cfg = dict(SHAPES[shape])
     arch = cfg.pop("arch")
+    if n_layers:
+        cfg["num_hidden_layers"] = n_layers
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

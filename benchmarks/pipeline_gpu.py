@@ -116,6 +116,8 @@ def parse_args(argv):
     ap.add_argument("--toy", action="store_true", help="CPU stand-in sizes: " + json.dumps(TOY))
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gemma-2-2b")
     ap.add_argument("--width", type=int, default=65536, help="latents per SAE")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's layer count (a quick smoke "
+                    "test of a real shape's widths on a CPU)")
     ap.add_argument("--l0", type=int, default=64, help="active latents per token the thresholds aim at")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -128,7 +130,10 @@ def parse_args(argv):
     ap.add_argument("--stage3-k", default="100-2000", help="Stage 3 K values: 'A-B' in steps of A, or 'a,b,c'")
     ap.add_argument("--probe-k", default="100,500,1000,2000")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=16, help="completions per generation batch")
+    ap.add_argument("--batch-size", type=int, default=16, help="completions per generation batch (per prompt "
+                    "of a group)")
+    ap.add_argument("--prompt-batch", type=int, default=1, help="prompts run in lockstep, their completions "
+                    "generated in shared batches (refusalscope run --prompt-batch)")
     ap.add_argument("--score-batch-size", type=int, default=None, help="Stage-2 sets per forward (default: 64 "
                     "on CPU, 1024 on CUDA)")
     ap.add_argument("--stage2-skip", default="auto", choices=["auto", "on", "off"])
@@ -160,7 +165,7 @@ def build(args, device: torch.device) -> dict:
     t0 = time.perf_counter()
     dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32}.get(args.dtype or "", None)
-    model, n_layers, d, vocab = random_model(args.shape, device, dtype)
+    model, n_layers, d, vocab = random_model(args.shape, device, dtype, n_layers=args.layers)
     arch = SHAPES[args.shape]["arch"]
     texts = (synthetic_prompts(args.prompts + 2 * args.direction_prompts + 8)
              + synthetic_prompts(args.direction_prompts + 8, harmless=True))
@@ -222,15 +227,15 @@ def direction_step(lm, args, tmp: Path) -> float:
 
 
 def main(argv=None) -> dict:
-    from refusalscope.analysis.controls import run_controls
+    from refusalscope.analysis.controls import controls_flow, run_controls
     from refusalscope.config import Stage3Options
     from refusalscope.saes.features import Feature
     from refusalscope.stages.context import CompletionCache, StageContext
     from refusalscope.stages.scoring import refusal_probs_for_batch
     from refusalscope.lm.prompts import format_chat, tokenize
-    from refusalscope.stages.stage1 import candidate_set, ranked_latents, run_stage1
-    from refusalscope.stages.stage2 import prune_sequential, run_stage2
-    from refusalscope.stages.stage3 import InteractionModels, run_stage3
+    from refusalscope.stages.stage1 import candidate_set, ranked_latents, run_stage1, stage1_flow
+    from refusalscope.stages.stage2 import Chain, prune_sequential, stage2_flow
+    from refusalscope.stages.stage3 import InteractionModels, run_stage3, stage3_flow
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -247,6 +252,7 @@ def main(argv=None) -> dict:
                  "sae_placement": env["placement"], "target_l0": args.l0, "prompt_tokens": env["prompt_tokens"],
                  "prompts": args.prompts, "k_cap": args.k_cap, "stage2_taus": len(TAUS), "stage2_seeds": 3,
                  "stage3_k": _k_values(args.stage3_k), "max_new_tokens": args.max_new_tokens,
+                 "prompt_batch": args.prompt_batch, "generation_batch": args.batch_size * args.prompt_batch,
                  "judge": judge.name + " (worst case: every sweep runs to its cap)",
                  "setup_s": {"model": round(env["model_s"], 2), "saes": round(env["saes_s"], 2)}}
     if device.type == "cuda":
@@ -267,7 +273,7 @@ def main(argv=None) -> dict:
                             skip_inactive=skip)
 
     skip = {"on": True, "off": False}.get(args.stage2_skip)
-    ctx = context(args.batch_size, skip)
+    ctx = context(args.batch_size * args.prompt_batch, skip)  # a group's rows share generation batches
     opts = Stage3Options(k_values=_k_values(args.stage3_k), probe_k=_k_values(args.probe_k))
     prompts = synthetic_prompts(args.prompts)
     cands = candidate_set(ranked, args.k_cap)
@@ -285,37 +291,44 @@ def main(argv=None) -> dict:
     times = {s: [] for s in STAGES}
     peaks = {s: 0.0 for s in STAGES}
     detail = {"stage1_k_tried": [], "stage2_sets_scored": [], "stage2_steps_skipped": [], "stage3_rows": []}
-    chosen_sets = {}
-    for i, prompt in enumerate(prompts):
-        with Meter(device) as m:
-            r1 = run_stage1(ctx, prompt, ranked, step=args.k_step, cap=args.k_cap, chunk=5)
-        times["stage1"].append(m.seconds)
-        peaks["stage1"] = max(peaks["stage1"], m.peak_mb)
-        detail["stage1_k_tried"].append(len(r1.tried))
-        with Meter(device) as m:
-            r2 = run_stage2(ctx, prompt, cands, taus=TAUS, seeds=[0, 1, 2])
-        times["stage2"].append(m.seconds)
-        peaks["stage2"] = max(peaks["stage2"], m.peak_mb)
-        detail["stage2_sets_scored"].append(r2.scored.get("scored"))
-        detail["stage2_steps_skipped"].append(r2.scored.get("skipped"))
-        # a fixed Stage-2 set of active candidates, so the later steps never shrink to nothing
-        on = [f for f in cands if f in set(active[prompt])] or cands
-        chosen = on[:: max(1, len(on) // args.set_size)][:args.set_size]
-        chosen_sets[prompt] = chosen
-        with Meter(device) as m:
-            run_controls(ctx, prompt, chosen, tau=0.1, jailbroken=False, n_random=1, seed=0, prompt_id=i)
-        times["controls"].append(m.seconds)
-        peaks["controls"] = max(peaks["controls"], m.peak_mb)
-        with Meter(device) as m:
-            r3 = run_stage3(ctx, i, prompt, chosen, 0.1, models, opts, {})
-        times["stage3"].append(m.seconds)
-        peaks["stage3"] = max(peaks["stage3"], m.peak_mb)
-        detail["stage3_rows"].append(len(r3.sweep) + (r3.stage3_only is not None))
+    chosen_sets, stage2_chains = {}, {}
+    G = args.prompt_batch
+    for g0 in range(0, len(prompts), G):
+        group = list(enumerate(prompts))[g0:g0 + G]
+
+        def timed(stage, flows):
+            """Run one stage's flows of the group in lockstep; each prompt is charged the group's time / G."""
+            with Meter(device) as m:
+                res = ctx.lockstep(flows)
+            times[stage].extend([m.seconds / len(group)] * len(group))
+            peaks[stage] = max(peaks[stage], m.peak_mb)
+            return res
+
+        for r1 in timed("stage1", [stage1_flow(p, ranked, step=args.k_step, cap=args.k_cap, chunk=5)
+                                   for _, p in group]):
+            detail["stage1_k_tried"].append(len(r1.tried))
+        for (_, prompt), r2 in zip(group, timed("stage2", [stage2_flow(ctx, p, cands, taus=TAUS, seeds=[0, 1, 2])
+                                                           for _, p in group])):
+            detail["stage2_sets_scored"].append(r2.scored.get("scored"))
+            detail["stage2_steps_skipped"].append(r2.scored.get("skipped"))
+            stage2_chains[prompt] = r2.chains
+            # a fixed Stage-2 set of active candidates, so the later steps never shrink to nothing
+            on = [f for f in cands if f in set(active[prompt])] or cands
+            chosen_sets[prompt] = on[:: max(1, len(on) // args.set_size)][:args.set_size]
+        timed("controls", [controls_flow(ctx, p, chosen_sets[p], tau=0.1, jailbroken=False, n_random=1, seed=0,
+                                         prompt_id=i) for i, p in group])
+        for r3 in timed("stage3", [stage3_flow(ctx, i, p, chosen_sets[p], 0.1, models, opts, {}) for i, p in group]):
+            detail["stage3_rows"].append(len(r3.sweep) + (r3.stage3_only is not None))
     out["per_prompt"] = {s: {"seconds_mean": round(sum(t) / len(t), 3), "seconds": [round(x, 3) for x in t],
                              "peak_gpu_mb" if device.type == "cuda" else "rss_high_water_mb": round(peaks[s])}
                          for s, t in times.items()}
     out["per_prompt_total_s"] = round(sum(v["seconds_mean"] for v in out["per_prompt"].values()), 3)
     out["detail"] = detail
+    # printed before the reference forms run, so a run stopped during them still reports the fast path
+    print("fast path:", json.dumps({"per_prompt": out["per_prompt"], "detail": detail,
+                                    "direction_s_per_run": out["direction_s_per_run"]}), flush=True)
+    if device.type == "cuda":
+        print(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB", flush=True)
 
     # the reference forms, on the first prompts, in the same process
     ref: dict = {}
@@ -324,6 +337,7 @@ def main(argv=None) -> dict:
         rctx = context(1)
         ropts = opts.model_copy(update={"k_chunk": 1})
         t = {s: 0.0 for s in STAGES}
+        same_sets: list[bool] = []
         for i, prompt in enumerate(prompts[:n_ref]):
             with Meter(device) as m:
                 run_stage1(rctx, prompt, ranked, step=args.k_step, cap=args.k_cap, chunk=1)
@@ -337,9 +351,11 @@ def main(argv=None) -> dict:
 
             pairs = [(tau, seed) for seed in (0, 1, 2) for tau in TAUS][:args.reference_pairs]
             with Meter(device) as m:
-                for tau, seed in pairs:
-                    prune_sequential(cands, prob, tau, seed)
+                ref_kept = {pair: prune_sequential(cands, prob, *pair) for pair in pairs}
             t["stage2"] += m.seconds * (len(TAUS) * 3) / len(pairs)
+            # the fast path must keep the same sets (exact in fp32; bf16 sums depend on the batch shape)
+            fast = {c.seed: Chain(c.seed, c.blocks, c.probs) for c in stage2_chains[prompt]}
+            same_sets.extend(fast[seed].kept(tau) == kept for (tau, seed), kept in ref_kept.items())
             with Meter(device) as m:
                 run_controls(rctx, prompt, chosen_sets[prompt], tau=0.1, jailbroken=False, n_random=1, seed=0,
                              prompt_id=i)
@@ -352,10 +368,12 @@ def main(argv=None) -> dict:
             ref[s] = {"reference_s": round(t[s] / n_ref, 3), "fast_s": round(fast, 3),
                       "ratio": round(t[s] / n_ref / fast, 2) if fast > 0 else None}
         ref["stage2"]["estimate"] = f"{args.reference_pairs} of {len(TAUS) * 3} (tau, seed) pairs run, scaled"
+        ref["stage2"]["same_sets"] = f"{sum(same_sets)} of {len(same_sets)}"
         ref["prompts"] = n_ref
     out["reference"] = ref
-    if device.type == "cuda":
-        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if device.type == "cuda":  # each Meter resets the peak: the run's peak is the largest of the blocks'
+        out["peak_gpu_mb"] = round(max([out["setup_peak_gpu_mb"], *peaks.values(),
+                                        torch.cuda.max_memory_allocated(device) / 2**20]))
     else:
         out["rss_high_water_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_table(out)
@@ -377,6 +395,9 @@ def print_table(out: dict) -> None:
         mem_key = "peak_gpu_mb" if "peak_gpu_mb" in v else "rss_high_water_mb"
         print(f"{s:<10} {v['seconds_mean']:>10.3f} {v[mem_key]:>18} {r.get('reference_s', '-'):>12} "
               f"{r.get('ratio', '-'):>7}", flush=True)
+    if "same_sets" in out["reference"].get("stage2", {}):
+        print(f"Stage-2 sets equal to the sequential reference's: {out['reference']['stage2']['same_sets']} "
+              f"(tau, seed) pairs", flush=True)
 
 
 if __name__ == "__main__":

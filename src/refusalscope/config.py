@@ -226,6 +226,9 @@ class RunSettings(ModelOptions):
         "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "
         "unless they would not fit in the GPU's free memory")
+    prompt_batch: int | None = Field(None, ge=1, description="prompts whose stages run together, their completions "
+                                     "generated in shared batches of prompt-batch × batch-size rows (default: 16 on "
+                                     "a GPU, 1 on a CPU); each prompt's results are those it gets alone")
     n_random: int = Field(1, ge=0, description="equal-size random active-feature control sets per prompt")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated to judge a jailbreak")
     judge: str = Field("substring", description="substring, compliance, classifier:<hub id or path> or llm:<URL>")
@@ -245,6 +248,8 @@ class RunSettings(ModelOptions):
 
 class InteractionSettings(_RunOptions, Stage3Options):
     """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
+
+    prompt_batch: int | None = RunSettings.model_fields["prompt_batch"]
 
     ray: str | None = RayOptions.model_fields["ray"]
     ray_workers: int | None = RayOptions.model_fields["ray_workers"]

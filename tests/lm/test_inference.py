@@ -62,7 +62,7 @@ def test_generation_stops_a_row_once_stop_says_so(tiny_lm):
     phrase = full[row].strip()[:3]  # appears within the first tokens of that row
     judge = SubstringJudge([phrase])
     stopped = generate(tiny_lm, PROMPTS, max_new_tokens=12, batch_size=4, progress=False,
-                       stop=lambda texts: judge.decided([""] * len(texts), texts))
+                       stop=judge.decided)
     assert len(stopped[row]) < len(full[row]) and full[row].startswith(stopped[row])
     for f, s in zip(full, stopped):
         assert f.startswith(s)  # a stopped row is its full completion cut short, never different text

@@ -167,8 +167,8 @@ def test_two_ray_workers_give_the_single_process_results(inputs, single, cluster
         raise AssertionError("the driver did per-prompt work that the Ray workers should do")
 
     # the driver only hands out work: every prompt, Stage-3 prompt and activation chunk is done on a worker
-    monkeypatch.setattr(steps, "process_prompt", not_here)
-    monkeypatch.setattr(stage3, "run_stage3", not_here)
+    monkeypatch.setattr(steps, "process_prompts", not_here)
+    monkeypatch.setattr(stage3, "run_stage3_many", not_here)
     monkeypatch.setattr(interaction_data, "encode_last_positions", not_here)
     out = tmp_path / "run"
     _run(settings, base, out, ray="auto", ray_workers=2)

@@ -61,8 +61,8 @@ def test_run_writes_summary_and_resumes(setup, monkeypatch):
     first = {f.name: json.loads(f.read_text()) for f in files}
 
     # a rerun recomputes nothing
-    real = steps.process_prompt
-    monkeypatch.setattr(steps, "process_prompt", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
+    real = steps.process_prompts
+    monkeypatch.setattr(steps, "process_prompts", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
     assert pipeline.run_pipeline(s, progress=False) == summary
 
     # a crash before a prompt's file was written: only that prompt is redone, with the same result
@@ -71,16 +71,40 @@ def test_run_writes_summary_and_resumes(setup, monkeypatch):
     (s.out / "summary.json").unlink()
     calls = []
 
-    def spy(ctx, pid, *a, **k):
-        calls.append(pid)
-        return real(ctx, pid, *a, **k)
+    def spy(ctx, items, *a, **k):
+        calls.extend(pid for pid, _ in items)
+        return real(ctx, items, *a, **k)
 
-    monkeypatch.setattr(steps, "process_prompt", spy)
+    monkeypatch.setattr(steps, "process_prompts", spy)
     again = pipeline.run_pipeline(s, progress=False)
     assert calls == [int(lost.stem)]
     redone, before = untimed(json.loads(lost.read_text())), untimed(first[lost.name])
     assert diff_paths(redone, before) == []
     assert again == summary
+
+
+def test_prompts_run_together_get_the_records_they_get_alone(setup, tmp_path, monkeypatch):
+    from refusalscope.stages import context as context_module
+
+    calls = []
+    real = context_module.generate
+
+    def spy(lm, instructions, **kw):
+        calls.append(set(instructions))
+        return real(lm, instructions, **kw)
+
+    monkeypatch.setattr(context_module, "generate", spy)
+    pipeline.run_pipeline(setup, progress=False)
+    assert max(len(c) for c in calls) == 1  # prompt_batch 1 on a CPU: one prompt per generation call
+    calls.clear()
+    together = setup.model_copy(update={"out": tmp_path / "together", "prompt_batch": 3})
+    pipeline.run_pipeline(together, progress=False)
+    assert max(len(c) for c in calls) > 1  # rows of several prompts shared a generation call
+    files = sorted((setup.out / "prompts").glob("*.json"))
+    assert len(files) == 3
+    for f in files:
+        alone, joint = (untimed(json.loads(p.read_text())) for p in (f, together.out / "prompts" / f.name))
+        assert diff_paths(joint, alone) == [], f.name
 
 
 def test_chains_are_stored_with_deltas(setup):

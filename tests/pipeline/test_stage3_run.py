@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from helpers import FakeJudge, write_tiny_run_inputs
+from helpers import FakeJudge, untimed, write_tiny_run_inputs
 from refusalscope.cli import main
 from refusalscope.config import DirectionOptions, RunSettings
 from refusalscope.pipeline import run as pipeline
@@ -26,10 +26,10 @@ def stage12_run(tmp_path, tiny_dirs, tiny_data_dir, tiny_lm, monkeypatch):
     return settings, tmp_path
 
 
-def _interactions(settings, tmp_path) -> int:
+def _interactions(settings, tmp_path, *extra: str) -> int:
     return main(["interactions", "--run", str(settings.out), "--harmful", str(tmp_path / "harmful.txt"),
                  "--harmless", str(tmp_path / "harmless.txt"), "--first-layer", "0", "--fm-epochs", "2",
-                 "--k-values", "2,4,6", "--probe-k", "2,6", "--k-chunk", "2", "--positions", "auto"])
+                 "--k-values", "2,4,6", "--probe-k", "2,6", "--k-chunk", "2", "--positions", "auto", *extra])
 
 
 def test_interactions_writes_stage3_and_resumes_without_retraining(stage12_run, monkeypatch, capsys):
@@ -71,19 +71,38 @@ def test_interactions_writes_stage3_and_resumes_without_retraining(stage12_run, 
     files[0].unlink()
     monkeypatch.setattr(stage3, "train_fm", lambda *a, **k: pytest.fail("the FM was retrained"))
     calls = []
-    real = stage3.run_stage3
+    real = stage3.run_stage3_many
 
-    def spy(ctx, pid, *a, **k):
-        calls.append(pid)
-        return real(ctx, pid, *a, **k)
+    def spy(ctx, items, *a, **k):
+        calls.extend(pid for pid, *_ in items)
+        return real(ctx, items, *a, **k)
 
-    monkeypatch.setattr(stage3, "run_stage3", spy)
+    monkeypatch.setattr(stage3, "run_stage3_many", spy)
     assert _interactions(settings, tmp_path) == 0
     assert calls == [int(files[0].stem)]
     redone = json.loads(files[0].read_text())
     redone.pop("seconds"), first[files[0].name].pop("seconds")
     assert redone == first[files[0].name]
     assert json.loads((settings.out / "summary.json").read_text())["stage3"] == st3
+
+
+def test_stage3_prompts_run_together_get_the_results_they_get_alone(stage12_run, capsys):
+    import shutil
+
+    settings, tmp_path = stage12_run
+    if not any((settings.out / "prompts").glob("*.json")):
+        pytest.skip("no processed prompts")
+    other = tmp_path / "together"
+    shutil.copytree(settings.out, other)
+    assert _interactions(settings, tmp_path) == 0
+    assert _interactions(settings.model_copy(update={"out": other}), tmp_path, "--prompt-batch", "3") == 0
+    files = sorted((settings.out / "stage3" / "prompts").glob("*.json"))
+    if not files:
+        pytest.skip("Stage 1 jailbroke no prompt of this random model, so Stage 3 has nothing to run on")
+    for f in files:
+        alone = untimed(json.loads(f.read_text()))
+        joint = untimed(json.loads((other / "stage3" / "prompts" / f.name).read_text()))
+        assert joint == alone, f.name
 
 
 def test_interactions_on_a_run_without_stage2_fails_in_one_line(tmp_path, capsys):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field
 
 from refusalscope.saes.features import Feature
-from refusalscope.stages.context import StageContext
+from refusalscope.stages.context import Flow, StageContext
 
 
 class ControlSet(BaseModel):
@@ -38,10 +38,9 @@ def random_seed_for(seed: int, prompt_id: int) -> int:
     return seed * 1_000_003 + prompt_id
 
 
-def run_controls(ctx: StageContext, prompt: str, features: Sequence[Feature], *, tau: float, jailbroken: bool,
-                 n_random: int = 1, seed: int = 0, prompt_id: int = 0) -> ControlsResult:
-    """Inactive features of ``features`` on the unablated prompt, the set without them, and ``n_random`` random
-    sets of the same size drawn from the features active on the prompt (all judged by generation)."""
+def controls_flow(ctx: StageContext, prompt: str, features: Sequence[Feature], *, tau: float, jailbroken: bool,
+                  n_random: int = 1, seed: int = 0, prompt_id: int = 0) -> Flow:
+    """``run_controls`` as a flow (``StageContext.lockstep``): its control sets' completions are one request."""
     out = ControlsResult(tau=tau, size=len(features), jailbroken=jailbroken)
     if not features:
         return out
@@ -54,10 +53,18 @@ def run_controls(ctx: StageContext, prompt: str, features: Sequence[Feature], *,
     pool = sorted(ctx.activations(prompt))
     rng = random.Random(random_seed_for(seed, prompt_id))
     randoms = [sorted(rng.sample(pool, min(len(features), len(pool)))) for _ in range(n_random)]
-    results = ctx.judged(prompt, sets + randoms)
+    results = yield [(prompt, s) for s in sets + randoms]
     as_control = [ControlSet(features=s, completion=r.completion, **r.verdict.as_dict())
                   for s, r in zip(sets + randoms, results)]
     if sets:
         out.without_inactive = as_control[0]
     out.random = as_control[len(sets):]
     return out
+
+
+def run_controls(ctx: StageContext, prompt: str, features: Sequence[Feature], *, tau: float, jailbroken: bool,
+                 n_random: int = 1, seed: int = 0, prompt_id: int = 0) -> ControlsResult:
+    """Inactive features of ``features`` on the unablated prompt, the set without them, and ``n_random`` random
+    sets of the same size drawn from the features active on the prompt (all judged by generation)."""
+    return ctx.lockstep([controls_flow(ctx, prompt, features, tau=tau, jailbroken=jailbroken, n_random=n_random,
+                                       seed=seed, prompt_id=prompt_id)])[0]

@@ -98,11 +98,12 @@ class _StopWhenDecided(StoppingCriteria):
 
 def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
              interventions: Sequence[Intervention] = (), desc: str = "generate", progress: bool = True,
-             stop: Callable[[list[str]], Sequence[bool]] | None = None) -> list[str]:
+             stop: Callable[[list[str], list[str]], Sequence[bool]] | None = None) -> list[str]:
     """Greedy completions (special tokens stripped), in input order.
 
-    ``stop(texts) -> [bool]`` (e.g. ``Judge.decided``) is asked after every new token with each row's text so
-    far; a row it marks ends there (its completion is that text), and a batch ends once every row has.
+    ``stop(instructions, texts) -> [bool]`` (e.g. ``Judge.decided``) is asked after every new token with each
+    row's instruction and text so far; a row it marks ends there (its completion is that text), and a batch ends
+    once every row has.
     """
     texts = format_chat(lm.tokenizer, instructions)
     completions: list[str] = [""] * len(texts)
@@ -116,7 +117,9 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
                   batch_context(batch["attention_mask"])):
                 extra = {}
                 if stop is not None:
-                    criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1], stop)
+                    asked = [instructions[i] for i in rows]
+                    criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1],
+                                                 lambda done, asked=asked: stop(asked, done))
                     extra["stopping_criteria"] = StoppingCriteriaList([criterion])
                 out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                         top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,

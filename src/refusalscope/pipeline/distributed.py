@@ -73,8 +73,9 @@ class RayWorker:
         self.device = device
         self.step: tuple[str, Callable[[Any], None]] | None = None
 
-    def run(self, step: str, worker: list, item) -> None:
-        """Do ``item`` of ``step``; ``worker`` is [object ref of its Worker], fetched only when the step starts."""
+    def run(self, step: str, worker: list, item, units: int = 1) -> int:
+        """Do ``item`` of ``step``; ``worker`` is [object ref of its Worker], fetched only when the step starts.
+        Returns ``units`` (what the item counts for on the driver's progress bar)."""
         import ray
 
         if self.step is None or self.step[0] != step:
@@ -82,6 +83,7 @@ class RayWorker:
             device = self.device if self.device == "cpu" else ("cuda" if ray.get_gpu_ids() else "cpu")
             self.step = (step, ray.get(worker[0]).start(device))
         self.step[1](item)
+        return units
 
 
 def run_items(
@@ -96,22 +98,24 @@ def run_items(
     unit: str = "prompt",
     done: int = 0,
     progress: bool = True,
+    count: Callable[[Any], int] = lambda item: 1,
 ) -> None:
     """Do every item: in this process with ``local`` (or a started ``worker``) when ``ray`` is None, else on the
     Ray cluster ``ray`` names, with ``workers`` workers (default: one per GPU of the cluster, or one per CPU when it
-    has none; ``device="cpu"`` keeps them on CPUs). ``done`` items were finished before (the progress bar's start).
+    has none; ``device="cpu"`` keeps them on CPUs). ``done`` units were finished before (the progress bar's start);
+    ``count(item)``: the units an item holds (a group of prompts holds several).
     """
-    with tqdm(total=done + len(items), initial=done, desc=desc, unit=unit, disable=not progress,
-              dynamic_ncols=True) as bar:
+    total = done + sum(count(item) for item in items)
+    with tqdm(total=total, initial=done, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
         if not items:
             return
         if ray is None:
             do = local or worker.start(device)
             for item in items:
                 do(item)
-                bar.update(1)
+                bar.update(count(item))
             return
-        _run_on_ray(items, worker, ray, workers, device, bar)
+        _run_on_ray(items, worker, ray, workers, device, bar, count)
 
 
 _pool: dict = {}  # this driver's Ray workers, kept for the later steps of the run: {(job, options): [actors]}
@@ -148,7 +152,8 @@ def release_workers() -> None:
         _pool.clear()
 
 
-def _run_on_ray(items: Sequence, worker: Worker, address: str, workers: int | None, device: str, bar) -> None:
+def _run_on_ray(items: Sequence, worker: Worker, address: str, workers: int | None, device: str, bar,
+                count: Callable[[Any], int]) -> None:
     connect(address)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -157,8 +162,9 @@ def _run_on_ray(items: Sequence, worker: Worker, address: str, workers: int | No
     actors = _actors(workers, device)
     step, ref = uuid.uuid4().hex, ray.put(worker)
     try:
-        for _ in ActorPool(actors).map_unordered(lambda actor, item: actor.run.remote(step, [ref], item), list(items)):
-            bar.update(1)
+        pool = ActorPool(actors)
+        for n in pool.map_unordered(lambda actor, item: actor.run.remote(step, [ref], item, count(item)), list(items)):
+            bar.update(n)
     except RayTaskError as e:  # the work itself failed: bad input is reported as a single process reports it
         if isinstance(e.cause, RefusalScopeError):
             raise RefusalScopeError(str(e.cause)) from None

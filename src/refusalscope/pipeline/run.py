@@ -76,16 +76,17 @@ def _pipeline(settings: RunSettings, progress: bool) -> dict:
     # 7. Stage 1's ranking of every layer's latents by cos(W_dec, r)
     ranked = ranked_latents(saes, direction, settings.k_cap)
     store.write_json("stage1_ranking.json", {str(layer): ids for layer, ids in ranked.items()})
-    # 8. Stages 1-2 and the Stage-2 checks, prompt by prompt (here, or on Ray workers); a finished prompt is one
-    # file, never recomputed; the records are read back from the files
+    # 8. Stages 1-2 and the Stage-2 checks, in groups of prompts run in lockstep (here, or on Ray workers); a
+    # finished prompt is one file, never recomputed; the records are read back from the files
     ctx = steps.stage_context(lm, saes, judge, settings, store)
     key = steps.stage_key(settings)
     ids = [(int(pid), prompt) for pid, prompt in zip(refused.id, refused.prompt)]
     todo = [(pid, prompt) for pid, prompt in ids if steps.finished_record(store, pid, prompt, key) is None]
     run_items(
-        todo,
+        steps.groups(todo, steps.prompt_batch(settings, lm)),
         PromptWorker(settings, new_judge, ranked),
-        local=partial(steps.write_prompt, ctx, store, ranked, settings),
+        local=partial(steps.write_prompts, ctx, store, ranked, settings),
+        count=len,
         ray=settings.ray,
         workers=settings.ray_workers,
         device=settings.device,
@@ -118,7 +119,7 @@ def run_interactions(settings: InteractionSettings, progress: bool = True) -> di
     cfg["out"] = str(store.root)
     cfg["stages"] = sorted({*cfg.get("stages", ["1", "2"]), "3"})
     cfg["stage3"] = settings.model_dump(include=set(Stage3Options.model_fields))
-    for key in ("device", "dtype", "batch_size"):
+    for key in ("device", "dtype", "batch_size", "prompt_batch"):
         if key in settings.model_fields_set:
             cfg[key] = getattr(settings, key)
     cfg["ray"], cfg["ray_workers"] = settings.ray, settings.ray_workers  # Ray only when this command asks for it

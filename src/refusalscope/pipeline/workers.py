@@ -1,5 +1,5 @@
 """What a Ray worker loads for each step that ``pipeline.distributed`` shards, and the function it then runs per
-item: the same function the single-process loop runs (``steps.write_prompt``, ``steps.write_stage3_prompt``,
+item: the same function the single-process loop runs (``steps.write_prompts``, ``steps.write_stage3_prompts``,
 ``interaction_data.write_chunk``), on the worker's own model, SAEs and judge, so the files it writes are the ones a
 single process would write.
 
@@ -43,7 +43,8 @@ def _judge(new_judge: Callable[[], Judge] | None) -> Judge:
 
 @dataclass
 class PromptWorker:
-    """Step 8: Stages 1-2 and the Stage-2 checks of one prompt, item (id, prompt) → prompts/<id>.json."""
+    """Step 8: Stages 1-2 and the Stage-2 checks of a group of prompts, item [(id, prompt), …] →
+    prompts/<id>.json each."""
 
     settings: RunSettings
     new_judge: Callable[[], Judge]
@@ -53,12 +54,12 @@ class PromptWorker:
         settings, lm, store, all_saes = _load(self.settings, device)
         ctx = steps.stage_context(lm, steps.stage_saes(all_saes, settings, lm), _judge(self.new_judge), settings,
                                   store)
-        return partial(steps.write_prompt, ctx, store, self.ranked, settings)
+        return partial(steps.write_prompts, ctx, store, self.ranked, settings)
 
 
 @dataclass
 class Stage3Worker:
-    """Stage 3 of one prompt, item (id, prompt, Stage-2 set, τ) → stage3/prompts/<id>.json."""
+    """Stage 3 of a group of prompts, item [(id, prompt, Stage-2 set, τ), …] → stage3/prompts/<id>.json each."""
 
     settings: RunSettings
     new_judge: Callable[[], Judge] | None
@@ -71,7 +72,7 @@ class Stage3Worker:
         fm_saes = _placed(all_saes, self.fm_layers, settings, lm)
         ctx = steps.stage_context(lm, {**fm_saes, **steps.stage_saes(all_saes, settings, lm)},
                                   _judge(self.new_judge), settings, store)
-        return partial(steps.write_stage3_prompt, ctx, store, self.models, settings.stage3, self.key)
+        return partial(steps.write_stage3_prompts, ctx, store, self.models, settings.stage3, self.key)
 
 
 @dataclass

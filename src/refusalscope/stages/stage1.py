@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from refusalscope.saes.features import Feature, decoder_cosines
 from refusalscope.saes.sae import Sae
-from refusalscope.stages.context import StageContext
+from refusalscope.stages.context import Flow, StageContext
 
 
 def ranked_latents(saes: Mapping[int, Sae], direction: torch.Tensor, cap: int) -> dict[int, list[int]]:
@@ -44,26 +44,23 @@ class Stage1Result(BaseModel):
     refused: bool
     degenerate: bool
     tried: list[dict] = Field(default_factory=list)  # every K evaluated: k, jailbroken, refused, degenerate, completion
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of its Stage 1; run with other prompts (a lockstep), time shared with them
 
     @property
     def size(self) -> int:
         return len(self.features)
 
 
-def run_stage1(ctx: StageContext, prompt: str, ranked: Mapping[int, Sequence[int]], *, step: int = 10,
-               cap: int = 200, chunk: int = 5) -> Stage1Result:
-    """Ablate the union of the per-layer top-K latents for K = step, 2·step, … ≤ cap; stop at the first jailbreak.
-
-    The K values of one chunk are generated as one batch (one row per K).
-    """
+def stage1_flow(prompt: str, ranked: Mapping[int, Sequence[int]], *, step: int = 10, cap: int = 200,
+                chunk: int = 5) -> Flow:
+    """Stage 1 of one prompt as a flow (``StageContext.lockstep``): each chunk of K values is one request."""
     t0 = time.perf_counter()
     tried: list[dict] = []
     ks = k_values(step, cap)
     last = None
     for start in range(0, len(ks), chunk):
         group = ks[start:start + chunk]
-        results = ctx.judged(prompt, [candidate_set(ranked, k) for k in group])
+        results = yield [(prompt, candidate_set(ranked, k)) for k in group]
         for k, res in zip(group, results):
             tried.append({"k": k, **res.verdict.as_dict(), "completion": res.completion})
         for k, res in zip(group, results):
@@ -74,3 +71,19 @@ def run_stage1(ctx: StageContext, prompt: str, ranked: Mapping[int, Sequence[int
     k, res = last  # type: ignore[misc]
     return Stage1Result(k=None, features=candidate_set(ranked, cap), completion=res.completion,
                         **res.verdict.as_dict(), tried=tried, seconds=round(time.perf_counter() - t0, 2))
+
+
+def run_stage1_many(ctx: StageContext, prompts: Sequence[str], ranked: Mapping[int, Sequence[int]], *,
+                    step: int = 10, cap: int = 200, chunk: int = 5) -> list[Stage1Result]:
+    """``run_stage1`` on several prompts, their chunks generated in shared batches; each prompt's result is the
+    one ``run_stage1`` gives it alone (its ``seconds`` include the time it shared with the others)."""
+    return ctx.lockstep([stage1_flow(p, ranked, step=step, cap=cap, chunk=chunk) for p in prompts])
+
+
+def run_stage1(ctx: StageContext, prompt: str, ranked: Mapping[int, Sequence[int]], *, step: int = 10,
+               cap: int = 200, chunk: int = 5) -> Stage1Result:
+    """Ablate the union of the per-layer top-K latents for K = step, 2·step, … ≤ cap; stop at the first jailbreak.
+
+    The K values of one chunk are generated as one batch (one row per K).
+    """
+    return run_stage1_many(ctx, [prompt], ranked, step=step, cap=cap, chunk=chunk)[0]

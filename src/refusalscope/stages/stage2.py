@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from refusalscope.saes.features import Feature
 
 if TYPE_CHECKING:
-    from refusalscope.stages.context import StageContext
+    from refusalscope.stages.context import Flow, StageContext
 
 # (R, n) boolean membership over the candidate list -> P(refusal) per row
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
@@ -243,11 +243,10 @@ class Stage2Result(BaseModel):
         return max(self.per_tau, key=lambda r: r.size)
 
 
-def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *, taus: Sequence[float],
-               seeds: Sequence[int], block: int = 5, skip_inactive: bool | None = None) -> Stage2Result:
-    """Algorithm 1 on a prompt's Stage-1 set, every (τ, seed) from one batch of forwards (``prune_batched``), or
-    without the steps whose block did not fire (``build_chains_skipping``; default: ``ctx.skips_inactive``);
-    each τ keeps the features found with every seed and its set is judged by generation."""
+def stage2_flow(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *, taus: Sequence[float],
+                seeds: Sequence[int], block: int = 5, skip_inactive: bool | None = None) -> Flow:
+    """``run_stage2`` as a flow (``StageContext.lockstep``): the pruning forwards run in place, the τ sets'
+    completions are one request."""
     t0 = time.perf_counter()
     skip = ctx.skips_inactive if skip_inactive is None else skip_inactive
     scorer = ctx.scorer(prompt, candidates)
@@ -261,12 +260,24 @@ def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *,
     t1 = time.perf_counter()
     per_tau = [TauResult(tau=t, seed_sizes=[len(kept[(t, sd)]) for sd in seeds],
                          features=intersect([kept[(t, sd)] for sd in seeds])) for t in taus]
-    for row, res in zip(per_tau, ctx.judged(prompt, [r.features for r in per_tau])):
+    t2 = time.perf_counter()
+    judged = yield [(prompt, r.features) for r in per_tau]
+    t3 = time.perf_counter()  # the time between t2 and t3 is shared with the other flows of a lockstep
+    for row, res in zip(per_tau, judged):
         row.completion = res.completion
         row.jailbroken, row.refused, row.degenerate = (res.verdict.jailbroken, res.verdict.refused,
                                                        res.verdict.degenerate)
     return Stage2Result(candidates=len(candidates), per_tau=per_tau,
                         chains=[ChainRecord(seed=c.seed, blocks=c.blocks, probs=c.probs, deltas=c.deltas)
                                 for c in chains],
-                        seconds={"prune": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)},
+                        seconds={"prune": round(t1 - t0, 2), "total": round(t2 - t0 + time.perf_counter() - t3, 2)},
                         scored=scored)
+
+
+def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *, taus: Sequence[float],
+               seeds: Sequence[int], block: int = 5, skip_inactive: bool | None = None) -> Stage2Result:
+    """Algorithm 1 on a prompt's Stage-1 set, every (τ, seed) from one batch of forwards (``prune_batched``), or
+    without the steps whose block did not fire (``build_chains_skipping``; default: ``ctx.skips_inactive``);
+    each τ keeps the features found with every seed and its set is judged by generation."""
+    return ctx.lockstep([stage2_flow(ctx, prompt, candidates, taus=taus, seeds=seeds, block=block,
+                                     skip_inactive=skip_inactive)])[0]

@@ -31,7 +31,7 @@ from refusalscope.lm.loading import LoadedModel
 from refusalscope.saes.features import Feature
 from refusalscope.saes.sae import Sae
 from refusalscope.stages import interaction_data as idata
-from refusalscope.stages.context import StageContext
+from refusalscope.stages.context import Flow, StageContext
 from refusalscope.stages.fm import FactorizationMachine, FmConfig, evaluate_fm, fm_embeddings, train_fm
 from refusalscope.stages.probe import evaluate_probe, train_probe
 from refusalscope.store import RunStore, digest
@@ -249,8 +249,8 @@ class Stage3Result(BaseModel):
         return f"stage3/prompts/{int(prompt_id):05d}.json"
 
 
-def _judge_rows(ctx: StageContext, prompt: str, rows: list[tuple[str, int, list[Feature]]]) -> list[KResult]:
-    results = ctx.judged(prompt, [feats for _, _, feats in rows])
+def _judge_rows(prompt: str, rows: list[tuple[str, int, list[Feature]]]) -> Flow:
+    results = yield [(prompt, feats) for _, _, feats in rows]
     return [KResult(method=m, k=k, size=len(set(feats)), completion=r.completion, **r.verdict.as_dict())
             for (m, k, feats), r in zip(rows, results)]
 
@@ -266,9 +266,9 @@ def causal_link(ctx: StageContext, prompt: str, stage2_active: Sequence[Feature]
                       mean_relative_drop=float(np.mean(drops)) if drops else None)
 
 
-def run_stage3(ctx: StageContext, prompt_id: int, prompt: str, stage2_set: Sequence[Feature], tau: float,
-               models: InteractionModels, opts: Stage3Options, settings: dict) -> Stage3Result:
-    """Stage 3 for one prompt (see the module docstring)."""
+def stage3_flow(ctx: StageContext, prompt_id: int, prompt: str, stage2_set: Sequence[Feature], tau: float,
+                models: InteractionModels, opts: Stage3Options, settings: dict) -> Flow:
+    """Stage 3 for one prompt (see the module docstring) as a flow (``StageContext.lockstep``)."""
     t0 = time.perf_counter()
     clean = ctx.activations(prompt)  # every feature that fires on the prompt, with its max activation
     stage2 = sorted(set(stage2_set))
@@ -291,20 +291,35 @@ def run_stage3(ctx: StageContext, prompt_id: int, prompt: str, stage2_set: Seque
     rows = [("fm", k, fm_set(k)) for k in ks[:opts.k_chunk]]
     rows += [("fm", k, fm_set(k)) for k in opts.probe_k if k not in ks[:opts.k_chunk]]
     rows += [("probe", k, anchors + res.probe_ranking[:k]) for k in opts.probe_k]
-    judged = _judge_rows(ctx, prompt, rows)
+    judged = yield from _judge_rows(prompt, rows)
     done = {(r.method, r.k): r for r in judged}
     for start in range(opts.k_chunk, len(ks), opts.k_chunk):
         if any(done.get(("fm", k)) and done[("fm", k)].jailbroken for k in ks[:start]):
             break
         todo = [("fm", k, fm_set(k)) for k in ks[start:start + opts.k_chunk] if ("fm", k) not in done]
-        done.update({(r.method, r.k): r for r in _judge_rows(ctx, prompt, todo)})
+        done.update({(r.method, r.k): r for r in (yield from _judge_rows(prompt, todo))})
     res.sweep = sorted(done.values(), key=lambda r: (r.method, r.k))
     res.best_k = next((k for k in ks if done.get(("fm", k)) and done[("fm", k)].jailbroken), None)
     k_used = res.best_k if res.best_k is not None else ks[-1]
     new = res.fm_ranking[:k_used]
     if new:
-        res.stage3_only = _judge_rows(ctx, prompt, [("stage3_only", k_used, new)])[0]
+        res.stage3_only = (yield from _judge_rows(prompt, [("stage3_only", k_used, new)]))[0]
         if anchors:
             res.causal = causal_link(ctx, prompt, anchors, new, clean, k_used)
     res.seconds = round(time.perf_counter() - t0, 2)
     return res
+
+
+def run_stage3_many(ctx: StageContext, items: Sequence[tuple[int, str, Sequence[Feature], float]],
+                    models: InteractionModels, opts: Stage3Options, settings: dict) -> list[Stage3Result]:
+    """``run_stage3`` on several (prompt id, prompt, Stage-2 set, τ) items, their completions generated in shared
+    batches; each result is the one ``run_stage3`` gives alone (its ``seconds`` include time shared with the
+    others)."""
+    return ctx.lockstep([stage3_flow(ctx, pid, prompt, feats, tau, models, opts, settings)
+                         for pid, prompt, feats, tau in items])
+
+
+def run_stage3(ctx: StageContext, prompt_id: int, prompt: str, stage2_set: Sequence[Feature], tau: float,
+               models: InteractionModels, opts: Stage3Options, settings: dict) -> Stage3Result:
+    """Stage 3 for one prompt (see the module docstring)."""
+    return run_stage3_many(ctx, [(prompt_id, prompt, stage2_set, tau)], models, opts, settings)[0]

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 13 as one command for a lent machine (benchmarks/RESULTS.md records what it printed):
+#   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's), Gemma-2-2B with 65k
+#   JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
+# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch]
+#   batch: only Gemma-2-2B/65k with 16 prompts in lockstep (--prompt-batch 16) and the one-prompt baseline
+# Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
+set -o pipefail
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+log="$OUT/log.txt"
+if [ "${1:-all}" = batch ]; then
+    {
+        date -u
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        cd benchmarks || exit 1
+        echo "== gemma-2-2b, 65k, 16 prompts in lockstep"
+        timeout "${GEMMA_S:-230}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts 16 --prompt-batch 16 --json "$OUT/gemma65k_batch16.json"
+        echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
+        timeout "${BASE_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts 2 --prompt-batch 1 --reference-prompts 0 --json "$OUT/gemma65k_batch1.json"
+        date -u
+    } 2>&1 | tee "$log"
+    exit
+fi
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    echo "== CUDA tests"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py -k cuda
+    cd benchmarks || exit 1
+    echo "== toy on CUDA, fp32"
+    timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --json "$OUT/toy_cuda.json"
+    echo "== gemma-2-2b, 65k JumpReLU SAEs on every layer"
+    timeout "${GEMMA_S:-250}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 2 \
+        --json "$OUT/gemma65k.json"
+    echo "== llama-3.1-8b, 131k SAEs on every layer, host placement"
+    timeout "${LLAMA_S:-170}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 1 \
+        --reference-prompts 0 --sae-placement host --json "$OUT/llama131k.json"
+    date -u
+} 2>&1 | tee "$log"
