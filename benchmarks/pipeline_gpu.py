@@ -8,6 +8,8 @@
     python benchmarks/pipeline_gpu.py --shape llama-3.1-8b --width 32768 --device cuda --prompts 3
     python benchmarks/pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 3 \\
         --sae-placement host
+    # prompts in lockstep (refusalscope run --prompt-batch): 16 prompts' completions share generation batches
+    python benchmarks/pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 16 --prompt-batch 16
 
 Nothing is downloaded: the model is built from a transformers config with random weights, the tokenizer is a
 word-level one over the model's vocabulary (``bench_common.word_tokenizer``, the model's chat template), and the
@@ -24,7 +26,8 @@ ratio against the plain reference forms measured in the same run:
 - Stage 1, the Stage-2 checks and Stage 3: one completion per generation call (batch 1, one K per call);
 - Stage 2: ``prune_sequential`` (two sets per forward, nothing shared) for ``--reference-pairs`` (τ, seed) pairs,
   scaled to all 24 pairs (its cost per pair is about the same).
-Prints one JSON object last (also written to ``--json``).
+With ``--prompt-batch G`` each stage runs G prompts in lockstep (``StageContext.lockstep``) and every prompt of the
+group is charged the group's time / G. Prints one JSON object last (also written to ``--json``).
 """
 
 from __future__ import annotations

@@ -227,8 +227,8 @@ class RunSettings(ModelOptions):
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "
         "unless they would not fit in the GPU's free memory")
     prompt_batch: int | None = Field(None, ge=1, description="prompts whose stages run together, their completions "
-                                     "generated in shared batches of prompt-batch × batch-size rows (default: 16 on "
-                                     "a GPU, 1 on a CPU); each prompt's results are those it gets alone")
+                                     "generated in shared batches of prompt-batch × batch-size rows (default: 4); "
+                                     "each prompt's results are those it gets alone")
     n_random: int = Field(1, ge=0, description="equal-size random active-feature control sets per prompt")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated to judge a jailbreak")
     judge: str = Field("substring", description="substring, compliance, classifier:<hub id or path> or llm:<URL>")

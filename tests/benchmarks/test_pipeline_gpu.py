@@ -10,7 +10,8 @@ from helpers import load_benchmark
 def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, capsys):
     bench = load_benchmark(monkeypatch, "pipeline_gpu")
     path = tmp_path / "out.json"
-    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--json", str(path)])
+    out = bench.main(["--toy", "--prompts", "2", "--prompt-batch", "2", "--direction-prompts", "2", "--json",
+                      str(path)])
     assert json.loads(path.read_text()) == out
     printed = capsys.readouterr().out
     assert json.loads(printed.strip().splitlines()[-1]) == out  # the last line is the JSON object
@@ -34,3 +35,5 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
     assert [a + b for a, b in zip(d["stage2_sets_scored"], d["stage2_steps_skipped"])] == [1 + 3 * (n // 5)] * 2
     assert d["stage3_rows"] == [len(out["stage3_k"]) + 2 + 1] * 2
     assert min(out["active_features_per_prompt"]) > max(out["stage3_k"])  # Stage 3 has enough candidates
+    assert out["prompt_batch"] == 2 and out["generation_batch"] == 2 * toy["batch_size"]
+    assert out["reference"]["stage2"]["same_sets"] == "1 of 1"  # fp32: the fast path keeps the reference's sets

@@ -94,8 +94,9 @@ def test_prompts_run_together_get_the_records_they_get_alone(setup, tmp_path, mo
         return real(lm, instructions, **kw)
 
     monkeypatch.setattr(context_module, "generate", spy)
-    pipeline.run_pipeline(setup, progress=False)
-    assert max(len(c) for c in calls) == 1  # prompt_batch 1 on a CPU: one prompt per generation call
+    alone = setup.model_copy(update={"prompt_batch": 1})
+    pipeline.run_pipeline(alone, progress=False)
+    assert max(len(c) for c in calls) == 1  # one prompt per generation call
     calls.clear()
     together = setup.model_copy(update={"out": tmp_path / "together", "prompt_batch": 3})
     pipeline.run_pipeline(together, progress=False)

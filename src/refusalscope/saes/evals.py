@@ -30,7 +30,8 @@ def evaluate_sae_set(lm: LoadedModel, saes: dict[int, Sae], instructions: Sequen
                      "l0": 0.0,
                  "fired": torch.zeros(saes[layer].width, dtype=torch.bool), "ce": 0.0} for layer in layers}
     ce_clean, ce_tokens = 0.0, 0
-    steps = len(range(0, len(texts), batch_size)) * (1 + (len(layers) if ce else 0))
+    # per batch: the reconstruction statistics, then (with CE) the clean forward and one spliced forward per layer
+    steps = len(range(0, len(texts), batch_size)) * (1 + (1 + len(layers) if ce else 0))
     bar = tqdm(total=steps, desc="SAE eval", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]

@@ -102,10 +102,10 @@ def active_features(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], featu
         lm.model(**batch, logits_to_keep=1, use_cache=False)
     out: dict[Feature, float] = {}
     for layer, recs in rec.records.items():
-        zmax = recs[0][0].amax(dim=0)  # (n,) max over positions
-        ids = range(saes[layer].width) if latents[layer] is None else latents[layer]
-        for j, latent in enumerate(ids):
-            v = float(zmax[j])
-            if wanted is not None or v > 0:
-                out[Feature(layer, int(latent))] = v
+        zmax = recs[0][0].amax(dim=0).float().cpu()  # (n,) max over positions
+        ids = torch.arange(saes[layer].width) if latents[layer] is None else torch.as_tensor(latents[layer])
+        if wanted is None:  # only the firing ones: a few dozen per token of 65k-wide SAEs, never a loop over all
+            keep = torch.nonzero(zmax > 0).flatten()
+            zmax, ids = zmax[keep], ids[keep]
+        out.update(zip((Feature(layer, latent) for latent in ids.tolist()), zmax.tolist()))
     return out

@@ -118,6 +118,7 @@ class StageContext:
     # completions; our choice: off, since stored completions are read by people (samples in reports)
     early_stop: bool = False
     _clean: dict = field(default_factory=dict, repr=False)  # prompt -> its clean activations (``activations``)
+    _clean_kept: int = field(default=4, repr=False)  # how many prompts' clean activations are kept
 
     @property
     def scoring_batch(self) -> int:
@@ -174,6 +175,7 @@ class StageContext:
         does not depend on the others it runs with: each gets exactly the verdicts of its own requests."""
         results: list = [None] * len(flows)
         pending: dict[int, list] = {}
+        self._clean_kept = max(4, len(flows))  # every flow's clean activations stay cached while they run
 
         def advance(i: int, sent) -> None:
             try:
@@ -207,12 +209,13 @@ class StageContext:
         """Max activation over the prompt's positions (only firing features when ``features`` is None).
 
         The clean activations of every feature (no ``features``, nothing ablated: a full encode of every layer,
-        asked for by the Stage-2 checks and again by Stage 3) are kept for the last few prompts."""
+        asked for by the Stage-2 checks and again by Stage 3) are kept for the last few prompts (at least as many
+        as run in a lockstep)."""
         ablate = list(ablate)
         if features is not None or ablate:
             return active_features(self.lm, prompt, self.saes, features, ablate=ablate)
         if prompt not in self._clean:
-            while len(self._clean) >= 4:
+            while len(self._clean) >= self._clean_kept:
                 self._clean.pop(next(iter(self._clean)))
             self._clean[prompt] = active_features(self.lm, prompt, self.saes)
         return dict(self._clean[prompt])

@@ -70,12 +70,16 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
         info["seconds"]["collect"] = time.perf_counter() - t0
         info["tokens"] = int(next(iter(acts.values())).shape[0])
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # one bar over the layers (ETA of the whole training), one per layer's optimiser steps below it
+        layers_bar = tqdm(total=len(todo), desc="SAE training", unit="layer", disable=not progress,
+                          dynamic_ncols=True)
         for layer in todo:
             t1 = time.perf_counter()
             x = acts.pop(layer)
             limit = max_norm_for(x, norm_factor)
             x = x[x.float().norm(dim=-1) <= limit]
-            with tqdm(total=1, desc=f"SAE layer {layer}", disable=not progress, dynamic_ncols=True) as bar:
+            with tqdm(total=1, desc=f"SAE layer {layer}", disable=not progress, dynamic_ncols=True, leave=False,
+                      position=1) as bar:
                 def on_step(step, total, fvu):
                     bar.total = total
                     bar.n = step
@@ -87,6 +91,8 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
                      extra_metadata={"refusalscope_train": {**cfg_key, "layer": layer, "tokens": int(x.shape[0]),
                                                             "final_train_fvu": tlog["trace"][-1]["fvu"]}})
             info["seconds"][f"layer_{layer}"] = time.perf_counter() - t1
+            layers_bar.update(1)
+        layers_bar.close()
         info["seconds"]["total"] = time.perf_counter() - t0
     saes = {layer_id: load_sae_dir(set_dir / f"layer_{layer_id}") for layer_id in layers}
     return set_dir, saes, info

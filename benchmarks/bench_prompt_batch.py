@@ -1,0 +1,76 @@
+"""Stages 1-2 and the Stage-2 checks of a run's first prompts, one prompt at a time and in lockstep groups.
+
+    # CPU, the default model's finished run: 4 prompts alone, then in one group of 4
+    python benchmarks/bench_prompt_batch.py --run runs/default --n 4 --groups 1,4
+
+Each group size starts from an empty completion cache (nothing generated earlier is reused). Prints, per group
+size, seconds per prompt (wall time of all prompts / n) and whether every record equals the one-at-a-time record
+(``steps.process_prompts`` must give each prompt the record it gets alone; wall-clock fields ignored). One JSON
+object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def untimed(obj):
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def main() -> None:
+    import torch
+
+    from refusalscope.analysis.finished_run import FinishedRun
+    from refusalscope.config import RunSettings
+    from refusalscope.pipeline import steps
+    from refusalscope.stages.context import CompletionCache, StageContext
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a finished run (its model, SAEs, Stage-1 ranking, prompts)")
+    ap.add_argument("--n", type=int, default=4, help="the run's first N processed prompts")
+    ap.add_argument("--max-k", type=int, default=None, help="only prompts whose recorded Stage-1 K is at most this")
+    ap.add_argument("--groups", default="1,4", help="group sizes to time (the first is the reference)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    run = FinishedRun(args.run)
+    cfg = dict(run.config)
+    cfg["out"] = str(run.store.root)
+    settings = RunSettings(**{k: v for k, v in cfg.items() if k in RunSettings.model_fields})
+    recs = [r for r in run.records if args.max_k is None or (r.stage1.k or 10**9) <= args.max_k][:args.n]
+    items = [(r.id, r.prompt) for r in recs]
+    ranked = {int(k): v for k, v in run.store.read_json("stage1_ranking.json").items()}
+    base = run.context()
+    saes = steps.stage_saes(base.saes, settings, base.lm)
+    out: dict = {"run": str(args.run), "threads": torch.get_num_threads(), "device": str(base.lm.device),
+                 "dtype": str(base.lm.dtype), "prompts": [r.id for r in recs],
+                 "recorded_stage1_k": [r.stage1.k for r in recs], "by_group": {}}
+    reference = None
+    for g in [int(x) for x in args.groups.split(",")]:
+        ctx = StageContext(base.lm, saes, base.judge, max_new_tokens=settings.max_new_tokens,
+                           batch_size=settings.batch_size * g, score_batch_size=settings.stage2_batch_size,
+                           cache=CompletionCache(), skip_inactive={"on": True, "off": False}.get(settings.stage2_skip))
+        t0 = time.perf_counter()
+        records = [rec for group in steps.groups(items, g) for rec in steps.process_prompts(ctx, group, ranked,
+                                                                                              settings)]
+        seconds = time.perf_counter() - t0
+        got = [untimed(r.to_json()) for r in records]
+        reference = reference or got
+        out["by_group"][g] = {"seconds_per_prompt": round(seconds / len(items), 1),
+                              "same_records_as_first": got == reference}
+        print(f"group {g}: {seconds / len(items):.1f} s per prompt, same records: {got == reference}", flush=True)
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
