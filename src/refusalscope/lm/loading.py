@@ -73,6 +73,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def contiguous_head_input(model: torch.nn.Module) -> None:
+    """Make the output embedding's input contiguous (once per model; a no-op for contiguous inputs).
+
+    With ``logits_to_keep=1`` transformers hands the head the strided slice h[:, -1:], and torch's matmul then
+    runs one matrix-vector product per row against the whole vocabulary matrix instead of one matrix product: on
+    these CPUs 1.45 s instead of 0.13 s for 64 rows of Qwen2.5-0.5B (13 % of a Stage-2 scoring forward). Same
+    values, one copy of B × d numbers."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_refusalscope_contiguous", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    head._refusalscope_contiguous = True
+
+
 @dataclass
 class LoadedModel:
     """A causal LM with its tokenizer and what refusalscope needs to know about it."""
@@ -84,6 +98,9 @@ class LoadedModel:
     refusal_tokens: tuple[str, ...] = ("I",)
     entry: ModelEntry | None = None
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        contiguous_head_input(self.model)
 
     @property
     def device(self) -> torch.device:
