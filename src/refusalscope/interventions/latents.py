@@ -211,7 +211,7 @@ def _codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.T
         return plan.sub.encode(x), plan.sub.W_dec  # only the plan's latents
     sae = plan.sae
     ids = plan.ids.to(sae.W_enc.device)
-    z = encoder_on(sae, x.device).encode(x).index_select(-1, ids.to(x.device))
+    z = encoder_on(sae, x.device).encode_subset(x, ids.to(x.device))
     if plan.sub is not None:
         return z, plan.sub.W_dec
     dec = sae.W_dec.index_select(0, ids)

@@ -110,7 +110,17 @@ class Sae:
         active only if its pre-activation is among the k largest of *all* latents, so TopK needs the full encode.
         """
         if not self.independent:
-            return self.encode(h).index_select(-1, latents)
+            # the full encode, with the code read at ``latents`` before the domain mask is applied: the values of
+            # encode(h)[..., latents], without masking a dense (..., width) tensor
+            vals, idx = self.pre(h).topk(self.k, dim=-1, sorted=False)
+            latents = latents.to(idx.device)
+            if self.k * len(latents) <= self.width:  # few latents: match them against the k winners
+                hit = idx.unsqueeze(-1) == latents  # (..., k, |S|): each latent is among the winners at most once
+                z = (vals.relu().unsqueeze(-1) * hit).sum(-2)
+            else:
+                z = torch.zeros_like(vals[..., :1]).expand(*vals.shape[:-1], self.width).contiguous()
+                z = z.scatter_(-1, idx, vals.relu()).index_select(-1, latents)
+            return self._domain(h, z)
         pre = self._input(h) @ self.W_enc.index_select(1, latents) + self.b_enc.index_select(0, latents)
         thr = None if self.threshold is None else self.threshold.index_select(0, latents)
         return self._domain(h, self._activate(pre, thr))
