@@ -172,5 +172,5 @@ def test_a_moved_run_holds_no_path_of_its_own_and_resumes_on_another_machine(set
     again = load_run_saes(RunStore(moved, create=False))
     assert again.keys() == saes.keys() and all(torch.equal(again[k].W_dec, saes[k].W_dec) for k in saes)
 
-    monkeypatch.setattr(steps, "process_prompt", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
+    monkeypatch.setattr(steps, "process_prompts", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
     assert pipeline.run_pipeline(s.model_copy(update={"out": moved}), progress=False) == summary

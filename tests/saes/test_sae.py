@@ -37,8 +37,11 @@ def test_encode_subset_is_the_full_encode_at_those_latents(arch, n):
     assert (full > 0).any()
     if sae.independent:  # a narrower matrix product: equal up to its rounding
         assert torch.allclose(sub, full, atol=1e-6)
-    else:  # the same full encode, read at the latents
+    else:  # the same full encode, read at the latents, overflowing tokens included (inf stays inf, never NaN)
         assert torch.equal(sub, full)
+        x[0, 0] = 3e38
+        wide = replace(sae, max_norm=None)
+        assert torch.equal(wide.encode_subset(x, latents), wide.encode(x).index_select(-1, latents))
 
 
 @pytest.mark.parametrize("arch", ARCH_LIST)

@@ -116,7 +116,7 @@ class Sae:
             latents = latents.to(idx.device)
             if self.k * len(latents) <= self.width:  # few latents: match them against the k winners
                 hit = idx.unsqueeze(-1) == latents  # (..., k, |S|): each latent is among the winners at most once
-                z = (vals.relu().unsqueeze(-1) * hit).sum(-2)
+                z = torch.where(hit, vals.relu().unsqueeze(-1), 0.0).sum(-2)  # not a product: inf * 0 is NaN
             else:
                 z = torch.zeros_like(vals[..., :1]).expand(*vals.shape[:-1], self.width).contiguous()
                 z = z.scatter_(-1, idx, vals.relu()).index_select(-1, latents)
