@@ -21,12 +21,15 @@ if [ "${1:-all}" = batch ]; then
         date -u
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
         cd benchmarks || exit 1
-        echo "== gemma-2-2b, 65k, 16 prompts in lockstep"
-        timeout "${GEMMA_S:-230}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts 16 --prompt-batch 16 --json "$OUT/gemma65k_batch16.json"
+        # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
         echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
         timeout "${BASE_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
             --prompts 2 --prompt-batch 1 --reference-prompts 0 --json "$OUT/gemma65k_batch1.json"
+        for g in 4 16; do
+            echo "== gemma-2-2b, 65k, $g prompts in lockstep"
+            timeout "${GEMMA_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+                --prompts "$g" --prompt-batch "$g" --reference-prompts 0 --json "$OUT/gemma65k_batch$g.json"
+        done
         date -u
     } 2>&1 | tee "$log"
     exit

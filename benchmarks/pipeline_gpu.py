@@ -322,6 +322,9 @@ def main(argv=None) -> dict:
                                          prompt_id=i) for i, p in group])
         for r3 in timed("stage3", [stage3_flow(ctx, i, p, chosen_sets[p], 0.1, models, opts, {}) for i, p in group]):
             detail["stage3_rows"].append(len(r3.sweep) + (r3.stage3_only is not None))
+        # one line per group, so a run stopped by a time limit still shows what each stage cost
+        print(f"group of {len(group)} (prompts {g0}..{g0 + len(group) - 1}), s/prompt: "
+              + ", ".join(f"{st} {times[st][-1]:.2f}" for st in STAGES), flush=True)
     out["per_prompt"] = {s: {"seconds_mean": round(sum(t) / len(t), 3), "seconds": [round(x, 3) for x in t],
                              "peak_gpu_mb" if device.type == "cuda" else "rss_high_water_mb": round(peaks[s])}
                          for s, t in times.items()}
