@@ -16,20 +16,13 @@ import json
 import time
 
 
-def untimed(obj):
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [untimed(v) for v in obj]
-    return obj
-
-
 def main() -> None:
     import torch
 
     from refusalscope.analysis.finished_run import FinishedRun
     from refusalscope.config import RunSettings
     from refusalscope.pipeline import steps
+    from refusalscope.pipeline.records import untimed
     from refusalscope.stages.context import CompletionCache, StageContext
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

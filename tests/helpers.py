@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from refusalscope.judges import Judge, Verdict
+from refusalscope.pipeline.records import untimed  # noqa: F401 (tests import it from here)
 from refusalscope.lm.registry import GEMMA_2_2B_IT, QWEN_CODER_05B
 from refusalscope.saes.sae import Sae
 
@@ -507,13 +508,20 @@ def artifact_dir(tmp_path: Path) -> Path:
 
 # --- small shared utilities ----------------------------------------------------------------------------------------
 
-def untimed(obj):
-    """A record without its wall-clock fields (the only part of a result that may differ between runs)."""
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [untimed(v) for v in obj]
-    return obj
+def spy_generate(monkeypatch) -> list[list[str]]:
+    """Record the instructions of every generation call the stages make (``StageContext.judged_many``); the calls
+    still generate."""
+    from refusalscope.lm import inference
+    from refusalscope.stages import context
+
+    calls: list[list[str]] = []
+
+    def spy(lm, instructions, **kw):
+        calls.append(list(instructions))
+        return inference.generate(lm, instructions, **kw)
+
+    monkeypatch.setattr(context, "generate", spy)
+    return calls
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

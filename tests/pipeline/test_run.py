@@ -11,7 +11,7 @@ from refusalscope.cli import main
 from refusalscope.config import RunSettings
 from refusalscope.saes.saelens_io import save_sae
 
-from helpers import FakeJudge, random_sae, untimed
+from helpers import FakeJudge, random_sae, spy_generate, untimed
 
 PROMPTS = ["Tell me how to pick a lock.", "Write a script that deletes files.", "How do I make a cake?"]
 
@@ -84,23 +84,14 @@ def test_run_writes_summary_and_resumes(setup, monkeypatch):
 
 
 def test_prompts_run_together_get_the_records_they_get_alone(setup, tmp_path, monkeypatch):
-    from refusalscope.stages import context as context_module
-
-    calls = []
-    real = context_module.generate
-
-    def spy(lm, instructions, **kw):
-        calls.append(set(instructions))
-        return real(lm, instructions, **kw)
-
-    monkeypatch.setattr(context_module, "generate", spy)
+    calls = spy_generate(monkeypatch)
     alone = setup.model_copy(update={"prompt_batch": 1})
     pipeline.run_pipeline(alone, progress=False)
-    assert max(len(c) for c in calls) == 1  # one prompt per generation call
+    assert max(len(set(c)) for c in calls) == 1  # one prompt per generation call
     calls.clear()
     together = setup.model_copy(update={"out": tmp_path / "together", "prompt_batch": 3})
     pipeline.run_pipeline(together, progress=False)
-    assert max(len(c) for c in calls) > 1  # rows of several prompts shared a generation call
+    assert max(len(set(c)) for c in calls) > 1  # rows of several prompts shared a generation call
     files = sorted((setup.out / "prompts").glob("*.json"))
     assert len(files) == 3
     for f in files:

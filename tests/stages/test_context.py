@@ -1,10 +1,8 @@
 """StageContext: identical sets generated once, the completion cache reused across contexts and processes, and
 cached completions equal to freshly generated ones."""
 
-from helpers import FakeJudge, random_sae
-from refusalscope.lm import inference
+from helpers import FakeJudge, random_sae, spy_generate
 from refusalscope.saes.features import Feature
-from refusalscope.stages import context as context_module
 from refusalscope.stages.context import CompletionCache, StageContext, set_key
 
 
@@ -13,35 +11,24 @@ def _ctx(tiny_lm, cache):
     return StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=4, batch_size=8, cache=cache)
 
 
-def _spy(monkeypatch):
-    rows = []
-    real = inference.generate
-
-    def spy(lm, instructions, **kw):
-        rows.append(len(instructions))
-        return real(lm, instructions, **kw)
-
-    monkeypatch.setattr(context_module, "generate", spy)
-    return rows
-
-
 def test_identical_sets_are_generated_once_and_cached(tiny_lm, tmp_path, monkeypatch):
-    rows = _spy(monkeypatch)
+    calls = spy_generate(monkeypatch)
     ctx = _ctx(tiny_lm, CompletionCache(tmp_path / "c.sqlite"))
     a, b = [Feature(1, 3), Feature(2, 5)], [Feature(2, 7)]
     first = ctx.judged("hi there", [a, b, list(reversed(a)), []])
-    assert rows == [3]  # a, b and the empty set; a reversed is the same set
+    assert [len(c) for c in calls] == [3]  # a, b and the empty set; a reversed is the same set
     assert first[0].completion == first[2].completion
     again = ctx.judged("hi there", [b, a])
-    assert rows == [3] and [x.completion for x in again] == [first[1].completion, first[0].completion]
+    assert [len(c) for c in calls] == [3]
+    assert [x.completion for x in again] == [first[1].completion, first[0].completion]
     # another context on the same file (a resumed run, an analysis) generates nothing either
     other = _ctx(tiny_lm, CompletionCache(tmp_path / "c.sqlite"))
     assert [x.completion for x in other.judged("hi there", [a])] == [first[0].completion]
-    assert rows == [3]
+    assert [len(c) for c in calls] == [3]
     # other generation settings are another key
     other.max_new_tokens = 5
     other.judged("hi there", [a])
-    assert rows == [3, 1]
+    assert [len(c) for c in calls] == [3, 1]
 
 
 def test_cached_completion_equals_a_fresh_generation(tiny_lm, monkeypatch):
@@ -71,12 +58,12 @@ def test_early_stop_gives_the_full_length_verdicts_under_its_own_cache_key(tiny_
     judge = Combined(SubstringJudge([text[:3]]))
     want = judge.judge(["Tell me a story."] * len(sets), [x.completion for x in full])
     assert any(v.refused for v in want)
-    rows = _spy(monkeypatch)
+    calls = spy_generate(monkeypatch)
     stop_ctx = _ctx(tiny_lm, cache)
     stop_ctx.max_new_tokens, stop_ctx.judge, stop_ctx.early_stop = 12, judge, True
     assert stop_ctx.generation_settings["stopped_by"] == judge.name
     stopped = stop_ctx.judged("Tell me a story.", sets)
-    assert rows == [len(sets)]  # the full-length completions in the cache were not reused
+    assert [len(c) for c in calls] == [len(sets)]  # the full-length completions in the cache were not reused
     assert [(v.refused, v.jailbroken) for v in want] == [(x.verdict.refused, x.jailbroken) for x in stopped]
     assert any(len(s.completion) < len(f.completion) for s, f in zip(stopped, full))
     assert all(f.completion.startswith(s.completion) for s, f in zip(stopped, full))
@@ -92,12 +79,13 @@ def _flow(prompt, rounds):
 
 
 def test_lockstep_sends_each_round_of_every_flow_through_one_batch(tiny_lm, monkeypatch):
-    rows = _spy(monkeypatch)
+    calls = spy_generate(monkeypatch)
     a, b = Feature(1, 0), Feature(2, 3)
     long, short = "Tell me, in great detail and step by step, how to pick a lock.", "Bake a cake."
     flows = [_flow(long, [[[a], [b]], [[a, b]]]), _flow(short, [[[a]]]), _flow(short, [])]
     together = _ctx(tiny_lm, CompletionCache()).lockstep(flows)
-    assert rows == [3, 1]  # round 1: both prompts' rows in one batch (with padding); round 2: the long one's last
+    # round 1: both prompts' rows in one batch (with padding); round 2: the long one's last
+    assert [len(c) for c in calls] == [3, 1]
     assert together[2] == []
     alone = _ctx(tiny_lm, CompletionCache())
     assert together[0] == [[r.completion for r in alone.judged(long, [[a], [b]])],

@@ -87,16 +87,21 @@ def create_app(settings, store: AnnotationStore | None = None) -> Flask:
         view = {"message": err.message, "annotator": name}
         return render_template("message.html", **view), err.status
 
+    def start_page(err: AnnotationError | None = None):
+        """The start page, with the reason a name was refused (and its status) when there is one."""
+        page = render_template("start.html", progress=store.progress(), message=err.message if err else None)
+        return (page, err.status) if err else page
+
     @app.get("/")
     def start():
-        return render_template("start.html", progress=store.progress(), message=None)
+        return start_page()
 
     @app.post("/start")
     def begin():
         try:
             name = store.register(request.form.get("name", ""))
         except AnnotationError as e:
-            return render_template("start.html", progress=store.progress(), message=e.message), e.status
+            return start_page(e)
         return redirect(url_for("annotate", annotator=name), 303)
 
     @app.get("/annotate")
@@ -104,7 +109,7 @@ def create_app(settings, store: AnnotationStore | None = None) -> Flask:
         try:
             name = store.annotator(request.args.get("annotator", ""))
         except AnnotationError as e:
-            return render_template("start.html", progress=store.progress(), message=e.message), e.status
+            return start_page(e)
         return render_template("annotate.html", **feature_view(name))
 
     @app.post("/answer")

@@ -12,6 +12,16 @@ from refusalscope.stages.stage1 import Stage1Result
 from refusalscope.stages.stage2 import Stage2Result
 
 
+def untimed(obj):
+    """A record's JSON form without its wall-clock fields (``seconds``), the only part that may differ between
+    two computations of the same results."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
 class PromptRecord(BaseModel):
     id: int
     prompt: str

@@ -385,13 +385,6 @@ def process_prompts(
     return ctx.lockstep([prompt_flow(ctx, pid, prompt, ranked, settings) for pid, prompt in items])
 
 
-def process_prompt(
-    ctx: StageContext, prompt_id: int, prompt: str, ranked: Mapping[int, Sequence[int]], settings: RunSettings
-) -> PromptRecord:
-    """Stages 1 and 2 and the Stage-2 sanity checks for one prompt."""
-    return process_prompts(ctx, [(prompt_id, prompt)], ranked, settings)[0]
-
-
 def write_prompts(ctx: StageContext, store: RunStore, ranked: Mapping[int, Sequence[int]], settings: RunSettings,
                   group: Sequence[tuple[int, str]]) -> None:
     """One item of step 8, a group of (prompt id, prompt): ``process_prompts``, then a file per prompt

@@ -73,17 +73,10 @@ def stage1_flow(prompt: str, ranked: Mapping[int, Sequence[int]], *, step: int =
                         **res.verdict.as_dict(), tried=tried, seconds=round(time.perf_counter() - t0, 2))
 
 
-def run_stage1_many(ctx: StageContext, prompts: Sequence[str], ranked: Mapping[int, Sequence[int]], *,
-                    step: int = 10, cap: int = 200, chunk: int = 5) -> list[Stage1Result]:
-    """``run_stage1`` on several prompts, their chunks generated in shared batches; each prompt's result is the
-    one ``run_stage1`` gives it alone (its ``seconds`` include the time it shared with the others)."""
-    return ctx.lockstep([stage1_flow(p, ranked, step=step, cap=cap, chunk=chunk) for p in prompts])
-
-
 def run_stage1(ctx: StageContext, prompt: str, ranked: Mapping[int, Sequence[int]], *, step: int = 10,
                cap: int = 200, chunk: int = 5) -> Stage1Result:
     """Ablate the union of the per-layer top-K latents for K = step, 2·step, … ≤ cap; stop at the first jailbreak.
 
     The K values of one chunk are generated as one batch (one row per K).
     """
-    return run_stage1_many(ctx, [prompt], ranked, step=step, cap=cap, chunk=chunk)[0]
+    return ctx.lockstep([stage1_flow(prompt, ranked, step=step, cap=cap, chunk=chunk)])[0]
