@@ -23,7 +23,6 @@ TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def main() -> None:
-    from refusalscope.stages.scoring import refusal_probs_for_batch
     from refusalscope.stages.stage1 import candidate_set, ranked_latents
     from refusalscope.stages.stage2 import prune_batched, prune_sequential
 
@@ -42,6 +41,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sequential-taus", default="0.1,0.5")
     ap.add_argument("--sequential-seeds", default=None, help="seeds for the reference run (default: --seeds)")
+    ap.add_argument("--rows-off", action="store_true", help="also time batched Stage 2 with one row per set "
+                    "(SetScorer share_rows=False, the code before shared rows) and check it keeps the same sets")
     ap.add_argument("--skip-inactive", action="store_true", help="also time Stage 2 with the chain steps whose "
                     "block did not fire skipped (stage2.build_chains_skipping) and check it keeps the same sets")
     args = ap.parse_args()
@@ -100,10 +101,17 @@ def main() -> None:
 
     forwards = {"n": 0}
 
-    def prob(member):
+    layer_rows = {True: [0, 0], False: [0, 0]}  # rows computed at the ablated layers, vs one row per set
+
+    def prob(member, share_rows=True):
+        from refusalscope.stages.scoring import SetScorer
+
         forwards["n"] += member.shape[0]
-        return refusal_probs_for_batch(model, n_layers, batch, token_ids, saes, cands, member,
-                                       batch_size=args.batch_size, share=args.share)
+        scorer = SetScorer(model, n_layers, batch, token_ids, saes, cands, batch_size=args.batch_size,
+                           share=args.share if member.shape[0] > 1 else "none", share_rows=share_rows)
+        p = scorer(member)
+        layer_rows[share_rows] = [a + b for a, b in zip(layer_rows[share_rows], scorer.layer_rows)]
+        return p
 
     prob(torch.ones(2, len(cands), dtype=torch.bool))  # warm-up (CUDA kernels, allocator)
     forwards["n"] = 0
@@ -112,14 +120,24 @@ def main() -> None:
         forwards["n"] = 0
         sync(device)
         t0 = time.perf_counter()
+        layer_rows[True] = [0, 0]
         kept, chains = prune_batched(cands, prob, TAUS, seeds)
         sync(device)
         times.append(time.perf_counter() - t0)
     t_batched = min(times)
     out.update(share=args.share, batch_size=args.batch_size, stage2_batched_runs_s=[round(t, 3) for t in times])
     out.update(candidates=len(cands), seeds=seeds, taus=TAUS, stage2_batched_s=round(t_batched, 3),
+               stage2_batched_layer_rows_computed_vs_one_per_set=layer_rows[True],
                stage2_sets_scored=forwards["n"],
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
+    if args.rows_off:
+        sync(device)
+        t0 = time.perf_counter()
+        kept_off, _ = prune_batched(cands, lambda m: prob(m, share_rows=False), TAUS, seeds)
+        sync(device)
+        t_off = time.perf_counter() - t0
+        out.update(stage2_rows_off_s=round(t_off, 3), rows_off_same_sets=kept_off == kept,
+                   speedup_shared_rows=round(t_off / t_batched, 2))
     if args.skip_inactive:
         from refusalscope.stages.scoring import SetScorer
         from refusalscope.stages.stage2 import build_chains_skipping
@@ -133,6 +151,7 @@ def main() -> None:
         out.update(stage2_skipping_s=round(t_skip, 3), stage2_skipping_sets_scored=stats["scored"],
                    stage2_skipping_steps_skipped=stats["skipped"],
                    skipping_same_sets=all(c.kept(t) == kept[(t, c.seed)] for c in chains for t in TAUS),
+                   skipping_layer_rows_computed_vs_one_per_set=scorer.layer_rows,
                    speedup_skipping=round(t_batched / t_skip, 2))
     if seq_taus:
         forwards["n"] = 0
@@ -152,6 +171,8 @@ def main() -> None:
                    speedup_batched_vs_sequential_all_taus=round(per_tau * len(TAUS) / t_batched, 1))
     if t_stage1 is not None:
         out["stages_1_2_s"] = round(t_stage1 + t_batched, 2)
+        if args.skip_inactive:  # the CPU default: skipping on
+            out["stages_1_2_skipping_s"] = round(t_stage1 + t_skip, 2)
     print(json.dumps(out))
 
 

@@ -3,7 +3,8 @@
 #   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's), Gemma-2-2B with 65k
 #   JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
 # Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch]
-#   batch: only Gemma-2-2B/65k with 16 prompts in lockstep (--prompt-batch 16) and the one-prompt baseline
+#   batch: Stage 2 alone at Gemma-2-2B/65k shapes with shared rows and with one row per set (bench_stages.py
+#   --rows-off), then Gemma-2-2B/65k with 16 prompts in lockstep (--prompt-batch 16) and the one-prompt baseline
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -21,6 +22,9 @@ if [ "${1:-all}" = batch ]; then
         date -u
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
         cd benchmarks || exit 1
+        echo "== stage 2 alone, gemma-2-2b shapes, 65k, 4,800 candidates: shared rows vs one row per set"
+        timeout "${STAGE2_S:-150}" python3 bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800 \
+            --batch-size 1024 --repeats 2 --sequential-taus "" --rows-off | tee "$OUT/stage2_rows.json"
         # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
         echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
         timeout "${BASE_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
@@ -43,6 +47,9 @@ fi
     cd benchmarks || exit 1
     echo "== toy on CUDA, fp32"
     timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --json "$OUT/toy_cuda.json"
+    echo "== toy on CUDA, fp32, shared rows"
+    timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --shared-rows on \
+        --json "$OUT/toy_cuda_rows.json"
     echo "== gemma-2-2b, 65k JumpReLU SAEs on every layer"
     timeout "${GEMMA_S:-250}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 2 \
         --json "$OUT/gemma65k.json"

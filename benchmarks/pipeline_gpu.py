@@ -19,10 +19,11 @@ The cost must not depend on what a random model happens to say, so every sweep r
 calls anything a jailbreak and never decides early, Stage 1 tries every K up to ``--k-cap`` (200), Stage 2 prunes
 the whole K-cap set (200 latents × every layer ≥ 3) for 3 seeds × 8 τ, the Stage-2 checks run on a fixed set of
 ``--set-size`` active features, and Stage 3 sweeps K = 100 … 2,000 (plus the probe at equal K, Stage-3 only and
-the causal forward) with random FM embeddings. The direction step (``direction.compute_direction``) and Stage 1's
-ranking run once per run. Per stage it prints seconds per prompt and peak GPU memory (``max_memory_allocated``;
-on a CPU the process's RSS high-water mark, which only grows), and, on ``--reference-prompts`` prompts, the
-ratio against the plain reference forms measured in the same run:
+the causal forward) with random FM embeddings. Scoring sets do not share rows (``--shared-rows off``): how much
+sharing saves depends on which latents fire, which a random model does not tell. The direction step
+(``direction.compute_direction``) and Stage 1's ranking run once per run. Per stage it prints seconds per prompt and
+peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water mark, which only grows), and, on
+``--reference-prompts`` prompts, the ratio against the plain reference forms measured in the same run:
 - Stage 1, the Stage-2 checks and Stage 3: one completion per generation call (batch 1, one K per call);
 - Stage 2: ``prune_sequential`` (two sets per forward, nothing shared) for ``--reference-pairs`` (τ, seed) pairs,
   scaled to all 24 pairs (its cost per pair is about the same).
@@ -140,6 +141,9 @@ def parse_args(argv):
     ap.add_argument("--score-batch-size", type=int, default=None, help="Stage-2 sets per forward (default: 64 "
                     "on CPU, 1024 on CUDA)")
     ap.add_argument("--stage2-skip", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--shared-rows", default="off", choices=["on", "off"], help="scoring sets share rows while "
+                    "they agree on the latents that fired (refusalscope run --shared-rows); off by default: what it "
+                    "saves depends on how often the random SAEs' latents fire, and the worst case is no sharing")
     ap.add_argument("--direction-prompts", type=int, default=32, help="prompts per side for the direction step")
     ap.add_argument("--set-size", type=int, default=20, help="features of the Stage-2 set the later steps use")
     ap.add_argument("--json", default=None, help="also write the JSON result here")
@@ -257,6 +261,7 @@ def main(argv=None) -> dict:
                  "stage3_k": _k_values(args.stage3_k), "max_new_tokens": args.max_new_tokens,
                  "prompt_batch": args.prompt_batch, "generation_batch": args.batch_size * args.prompt_batch,
                  "judge": judge.name + " (worst case: every sweep runs to its cap)",
+                 "shared_rows": args.shared_rows,
                  "setup_s": {"model": round(env["model_s"], 2), "saes": round(env["saes_s"], 2)}}
     if device.type == "cuda":
         out["setup_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -273,7 +278,7 @@ def main(argv=None) -> dict:
     def context(batch_size: int, skip=None) -> StageContext:
         return StageContext(lm, {**fm_saes, **stage_saes}, judge, max_new_tokens=args.max_new_tokens,
                             batch_size=batch_size, score_batch_size=args.score_batch_size, cache=CompletionCache(),
-                            skip_inactive=skip)
+                            skip_inactive=skip, share_rows=args.shared_rows == "on")
 
     skip = {"on": True, "off": False}.get(args.stage2_skip)
     ctx = context(args.batch_size * args.prompt_batch, skip)  # a group's rows share generation batches
@@ -293,7 +298,8 @@ def main(argv=None) -> dict:
 
     times = {s: [] for s in STAGES}
     peaks = {s: 0.0 for s in STAGES}
-    detail = {"stage1_k_tried": [], "stage2_sets_scored": [], "stage2_steps_skipped": [], "stage3_rows": []}
+    detail = {"stage1_k_tried": [], "stage2_sets_scored": [], "stage2_steps_skipped": [], "stage2_layer_rows": [],
+              "stage3_rows": []}
     chosen_sets, stage2_chains = {}, {}
     G = args.prompt_batch
     for g0 in range(0, len(prompts), G):
@@ -314,6 +320,7 @@ def main(argv=None) -> dict:
                                                            for _, p in group])):
             detail["stage2_sets_scored"].append(r2.scored.get("scored"))
             detail["stage2_steps_skipped"].append(r2.scored.get("skipped"))
+            detail["stage2_layer_rows"].append([r2.scored.get("layer_rows"), r2.scored.get("layer_rows_one_per_set")])
             stage2_chains[prompt] = r2.chains
             # a fixed Stage-2 set of active candidates, so the later steps never shrink to nothing
             on = [f for f in cands if f in set(active[prompt])] or cands

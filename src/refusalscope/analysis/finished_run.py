@@ -144,6 +144,7 @@ class FinishedRun:
                             max_new_tokens=max_new_tokens or int(cfg.get("max_new_tokens", 48)),
                             batch_size=batch_size or int(cfg.get("batch_size", 16)),
                             score_batch_size=cfg.get("stage2_batch_size"),
+                            share_rows=bool(cfg.get("shared_rows", True)),
                             cache=CompletionCache(self.store.path("completions.sqlite")))
 
     def judge(self, name: str | None = None) -> Judge:

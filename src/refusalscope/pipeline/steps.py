@@ -266,6 +266,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         score_batch_size=settings.stage2_batch_size,
         cache=CompletionCache(store.path("completions.sqlite")),
         skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
+        share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
     )
 
@@ -449,6 +450,7 @@ def run_stage3_step(
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size * prompt_batch(settings, lm),
         score_batch_size=settings.stage2_batch_size,
+        share_rows=settings.shared_rows,
         cache=cache,
     )
     key = store.portable(

@@ -114,6 +114,9 @@ class StageContext:
     # Stage 2 skips chain steps whose block did not fire (exact); None: our choice, on CPU only, where every
     # set costs a forward of its own, while a GPU scores its ~1,000 sets per forward at almost no extra cost
     skip_inactive: bool | None = None
+    # scoring: sets that agree on the latents that fired so far share a batch row (``interventions.shared_rows``);
+    # our choice: on everywhere, since it only removes duplicate rows (1.37x on Stage 2 on CPU, RESULTS.md)
+    share_rows: bool = True
     # stop a generation once the judge's verdict cannot change (``Judge.decided``): exact verdicts, shorter
     # completions; our choice: off, since stored completions are read by people (samples in reports)
     early_stop: bool = False
@@ -197,12 +200,13 @@ class StageContext:
 
     def scorer(self, prompt: str, candidates: Sequence[Feature]) -> SetScorer:
         """P(refusal) of ``prompt`` under any subsets of ``candidates``, shared work prepared once."""
-        return prompt_scorer(self.lm, prompt, self.saes, candidates, batch_size=self.scoring_batch)
+        return prompt_scorer(self.lm, prompt, self.saes, candidates, batch_size=self.scoring_batch,
+                             share_rows=self.share_rows)
 
     def refusal_probs(self, prompt: str, candidates: Sequence[Feature], member: torch.Tensor) -> torch.Tensor:
         """P(refusal) at the last prompt position with each row of ``member`` ablated (paper, Eq. 1's P(p, A))."""
         return refusal_probs(self.lm, prompt, self.saes, [], candidates=candidates, member=member,
-                             batch_size=self.scoring_batch)
+                             batch_size=self.scoring_batch, share_rows=self.share_rows)
 
     def activations(self, prompt: str, features: Iterable[Feature] | None = None,
                     ablate: Iterable[Feature] = ()) -> dict[Feature, float]:

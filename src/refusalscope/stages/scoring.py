@@ -13,6 +13,7 @@ import torch
 
 from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import CandidatePlans, LatentAblation
+from refusalscope.interventions.shared_rows import SharedRowAblation
 from refusalscope.lm.hooks import batch_context, hooked, layer_outputs, replaying
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat, tokenize
@@ -51,14 +52,16 @@ class SetScorer:
     - "positions": the leading positions no candidate touches (``clean_prefix_length``) run once and their
       key/value cache is shared by every row (fewer tokens per row);
     - "layers": the layers below the lowest candidate layer run once and are replayed (``hooks.replaying``);
-    - "none": every row runs the whole forward.
-    All give the same result, up to float rounding that depends on batch shapes. The candidates' SAE columns are
-    sliced (and moved to the model's device) once, too.
+    - "none": every set runs the whole forward in a row of its own (the plain form the others are tested against).
+    Unless a key/value cache is shared or ``share`` is "none", sets also share rows while they agree on the
+    latents that fired (``share_rows``, ``interventions.shared_rows``): a chain step costs a row only from its
+    block's first firing layer. All give the same result, up to float rounding that depends on batch shapes. The
+    candidates' SAE columns are sliced (and moved to the model's device) once, too.
     """
 
     def __init__(self, model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                  token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
-                 batch_size: int = 32, fast: bool = True, share: str = "auto"):
+                 batch_size: int = 32, fast: bool = True, share: str = "auto", share_rows: bool = True):
         if share not in ("auto", "positions", "layers", "none"):
             raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
         self.model, self.n_layers, self.batch = model, n_layers, dict(batch)
@@ -68,6 +71,8 @@ class SetScorer:
         self.plans = CandidatePlans.build(saes, candidates, self.device) if len(candidates) else None
         self.p0, self.cache, self.outs = 0, None, {}
         self.rows_scored = 0  # sets run through the model so far (what a caller's savings are measured in)
+        self.share_rows = share_rows and share != "none"
+        self.layer_rows = [0, 0]  # rows computed at the ablated layers: with row sharing, without it
         if share != "none" and len(candidates):
             T = batch["input_ids"].shape[1]
             low = min(int(layer) for layer, _ in candidates)
@@ -90,51 +95,71 @@ class SetScorer:
         with replaying(self.model, self.outs):
             for start in range(0, member.shape[0], self.batch_size):
                 chunk = member[start:start + self.batch_size].to(self.device)
-                rows = {k: v.expand(chunk.shape[0], -1) for k, v in self.batch.items()}
                 sink: dict[int, list[torch.Tensor]] | None = {} if fired else None
-                ivs = [LatentAblation(self.plans.for_rows(chunk), True, None, self.fast, fired=sink)] \
-                    if self.plans is not None else []
-                with hooked(self.model, hooks_for(ivs, self.n_layers)), batch_context(rows["attention_mask"]):
-                    if self.cache is None:
-                        logits = self.model(**rows, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-                    else:
-                        past = copy.deepcopy(self.cache)
-                        past.batch_repeat_interleave(chunk.shape[0])
-                        logits = self.model(input_ids=rows["input_ids"][:, self.p0:],
-                                            attention_mask=rows["attention_mask"], past_key_values=past,
-                                            use_cache=True, logits_to_keep=1).logits[:, -1].float()
-                out[start:start + chunk.shape[0]] = torch.softmax(logits, dim=-1)[:, self.ids].sum(-1).double().cpu()
+                if self.plans is not None and self.cache is None and self.share_rows:
+                    p = self._shared_rows(chunk, sink)
+                else:
+                    p = self._one_row_per_set(chunk, sink)
+                out[start:start + chunk.shape[0]] = p.double().cpu()
                 if sink and self.plans is not None:
                     fired_out[start:start + chunk.shape[0]] = self.plans.fired_columns(
                         {layer: torch.cat(parts) for layer, parts in sink.items()})
                 self.rows_scored += chunk.shape[0]
         return (out, fired_out) if fired else out
 
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits[:, -1].float(), dim=-1)[:, self.ids].sum(-1)
+
+    def _one_row_per_set(self, chunk: torch.Tensor, sink) -> torch.Tensor:
+        rows = {k: v.expand(chunk.shape[0], -1) for k, v in self.batch.items()}
+        ivs = [LatentAblation(self.plans.for_rows(chunk), True, None, self.fast, fired=sink)] \
+            if self.plans is not None else []
+        with hooked(self.model, hooks_for(ivs, self.n_layers)), batch_context(rows["attention_mask"]):
+            if self.cache is None:
+                logits = self.model(**rows, logits_to_keep=1, use_cache=False).logits
+            else:
+                past = copy.deepcopy(self.cache)
+                past.batch_repeat_interleave(chunk.shape[0])
+                logits = self.model(input_ids=rows["input_ids"][:, self.p0:], attention_mask=rows["attention_mask"],
+                                    past_key_values=past, use_cache=True, logits_to_keep=1).logits
+        if self.plans is not None:
+            self.layer_rows = [n + chunk.shape[0] * len(self.plans.plans) for n in self.layer_rows]
+        return self._probs(logits)
+
+    def _shared_rows(self, chunk: torch.Tensor, sink) -> torch.Tensor:
+        iv = SharedRowAblation(self.plans.for_rows(chunk), chunk.shape[0], self.fast, fired=sink)
+        with hooked(self.model, iv.hooks(self.n_layers)), batch_context(self.batch["attention_mask"]):
+            logits = self.model(**self.batch, logits_to_keep=1, use_cache=False).logits
+        self.layer_rows[0] += sum(iv.computed)
+        self.layer_rows[1] += chunk.shape[0] * len(iv.computed)
+        return self._probs(logits)[iv.rows.to(logits.device)]
+
 
 def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                             token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
                             member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
-                            share: str = "auto") -> torch.Tensor:
+                            share: str = "auto", share_rows: bool = True) -> torch.Tensor:
     """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
     ``member`` (R, len(candidates)): the row's marked candidates are ablated. A ``SetScorer`` for one call
     (shared work only when there is more than one row)."""
     if share not in ("auto", "positions", "layers", "none"):
         raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
     return SetScorer(model, n_layers, batch, token_ids, saes, candidates, batch_size=batch_size, fast=fast,
-                     share=share if member.shape[0] > 1 else "none")(member)
+                     share=share if member.shape[0] > 1 else "none", share_rows=share_rows)(member)
 
 
 def prompt_scorer(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
-                  batch_size: int = 32, fast: bool = True, share: str = "auto") -> SetScorer:
+                  batch_size: int = 32, fast: bool = True, share: str = "auto",
+                  share_rows: bool = True) -> SetScorer:
     """A ``SetScorer`` of one chat-formatted prompt with the model's refusal tokens."""
     batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
     return SetScorer(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, batch_size=batch_size,
-                     fast=fast, share=share)
+                     fast=fast, share=share, share_rows=share_rows)
 
 
 def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: Sequence[Iterable[Feature]], *,
                   batch_size: int = 32, fast: bool = True, candidates: Sequence[Feature] | None = None,
-                  member: torch.Tensor | None = None) -> torch.Tensor:
+                  member: torch.Tensor | None = None, share_rows: bool = True) -> torch.Tensor:
     """P(refusal token) at the last prompt position with each set ablated, (len(sets),) float64.
 
     Sets can be given as lists, or as ``candidates`` + a boolean ``member`` matrix (then ``sets`` is ignored).
@@ -145,4 +170,4 @@ def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: S
         candidates = sorted({(int(layer), int(i)) for s in sets for layer, i in s})
         member = membership(candidates, sets)
     return refusal_probs_for_batch(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, member,
-                                   batch_size=batch_size, fast=fast)
+                                   batch_size=batch_size, fast=fast, share_rows=share_rows)

@@ -232,7 +232,8 @@ class Stage2Result(BaseModel):
     per_tau: list[TauResult]
     chains: list[ChainRecord]
     seconds: dict[str, float] = Field(default_factory=dict)
-    scored: dict[str, int] = Field(default_factory=dict)  # sets run through the model; chain steps skipped
+    # sets run through the model; chain steps skipped; rows computed at the ablated layers (shared, one per set)
+    scored: dict[str, int] = Field(default_factory=dict)
 
     def best(self) -> TauResult:
         """The set later steps use: our choice, the smallest jailbreaking non-empty set (ties: the larger τ),
@@ -257,6 +258,8 @@ def stage2_flow(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *
     else:
         kept, chains = prune_batched(candidates, scorer, taus, seeds, block)
         scored = {"scored": scorer.rows_scored, "skipped": 0}
+    # rows computed at the ablated layers, with shared rows and as one row per set would have (what sharing saved)
+    scored.update(layer_rows=scorer.layer_rows[0], layer_rows_one_per_set=scorer.layer_rows[1])
     t1 = time.perf_counter()
     per_tau = [TauResult(tau=t, seed_sizes=[len(kept[(t, sd)]) for sd in seeds],
                          features=intersect([kept[(t, sd)] for sd in seeds])) for t in taus]
