@@ -2,6 +2,8 @@
 
     # CPU, the default model's finished run: 4 prompts alone, then in one group of 4
     python benchmarks/bench_prompt_batch.py --run runs/default --n 4 --groups 1,4
+    # and once more with generations stopped when the judge decides (--early-stop)
+    python benchmarks/bench_prompt_batch.py --run runs/default --n 4 --groups 4 --early-stop
 
 Each group size starts from an empty completion cache (nothing generated earlier is reused). Prints, per group
 size, seconds per prompt (wall time of all prompts / n) and whether every record equals the one-at-a-time record
@@ -30,6 +32,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="the run's first N processed prompts")
     ap.add_argument("--max-k", type=int, default=None, help="only prompts whose recorded Stage-1 K is at most this")
     ap.add_argument("--groups", default="1,4", help="group sizes to time (the first is the reference)")
+    ap.add_argument("--early-stop", action="store_true", help="then the largest group once more with generations "
+                    "stopped as soon as the judge decides (--early-stop): its time, and whether every verdict "
+                    "equals the full-length run's (completions differ by design)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -46,23 +51,44 @@ def main() -> None:
                  "dtype": str(base.lm.dtype), "prompts": [r.id for r in recs],
                  "recorded_stage1_k": [r.stage1.k for r in recs], "by_group": {}}
     reference = None
-    for g in [int(x) for x in args.groups.split(",")]:
+    sizes = [int(x) for x in args.groups.split(",")]
+
+    def run(g: int, early_stop: bool = False):
         ctx = StageContext(base.lm, saes, base.judge, max_new_tokens=settings.max_new_tokens,
                            batch_size=settings.batch_size * g, score_batch_size=settings.stage2_batch_size,
-                           cache=CompletionCache(), skip_inactive={"on": True, "off": False}.get(settings.stage2_skip))
+                           cache=CompletionCache(), skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
+                           share_rows=settings.shared_rows, early_stop=early_stop)
         t0 = time.perf_counter()
         records = [rec for group in steps.groups(items, g) for rec in steps.process_prompts(ctx, group, ranked,
                                                                                               settings)]
-        seconds = time.perf_counter() - t0
-        got = [untimed(r.to_json()) for r in records]
+        return [untimed(r.to_json()) for r in records], time.perf_counter() - t0
+
+    for g in sizes:
+        got, seconds = run(g)
         reference = reference or got
         out["by_group"][g] = {"seconds_per_prompt": round(seconds / len(items), 1),
                               "same_records_as_first": got == reference}
         print(f"group {g}: {seconds / len(items):.1f} s per prompt, same records: {got == reference}", flush=True)
+    if args.early_stop:
+        got, seconds = run(sizes[-1], early_stop=True)
+        same = verdicts(got) == verdicts(reference)
+        out["early_stop"] = {"group": sizes[-1], "seconds_per_prompt": round(seconds / len(items), 1),
+                             "same_verdicts_as_first": same}
+        print(f"group {sizes[-1]}, early stop: {seconds / len(items):.1f} s per prompt, same verdicts: {same}",
+              flush=True)
     print(json.dumps(out))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def verdicts(obj):
+    """A record's JSON form without its completions (what early stopping shortens)."""
+    if isinstance(obj, dict):
+        return {k: verdicts(v) for k, v in obj.items() if k != "completion"}
+    if isinstance(obj, list):
+        return [verdicts(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":

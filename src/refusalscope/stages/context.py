@@ -111,11 +111,12 @@ class StageContext:
     # sets per scoring forward; our choice: 64 on CPU (memory-bound), 1,024 on a GPU (fills an H100 at 2B shapes)
     score_batch_size: int | None = None
     cache: CompletionCache = field(default_factory=CompletionCache)
-    # Stage 2 skips chain steps whose block did not fire (exact); None: our choice, on CPU only, where every
-    # set costs a forward of its own, while a GPU scores its ~1,000 sets per forward at almost no extra cost
+    # Stage 2 skips chain steps whose block did not fire (exact); None: our choice, on CPU without shared rows
+    # only: shared rows already run a silent step in its predecessor's row, and then the rounds skipping needs
+    # cost more than they save (0.92-0.98x on CPU, RESULTS.md); a GPU scores ~1,000 sets per forward anyway
     skip_inactive: bool | None = None
     # scoring: sets that agree on the latents that fired so far share a batch row (``interventions.shared_rows``);
-    # our choice: on everywhere, since it only removes duplicate rows (1.37x on Stage 2 on CPU, RESULTS.md)
+    # our choice: on everywhere, since it only removes duplicate rows (1.5x on Stage 2 on CPU, RESULTS.md)
     share_rows: bool = True
     # stop a generation once the judge's verdict cannot change (``Judge.decided``): exact verdicts, shorter
     # completions; our choice: off, since stored completions are read by people (samples in reports)
@@ -133,7 +134,7 @@ class StageContext:
     def skips_inactive(self) -> bool:
         if self.skip_inactive is not None:
             return self.skip_inactive
-        return torch.device(self.lm.device).type != "cuda"
+        return torch.device(self.lm.device).type != "cuda" and not self.share_rows
 
     @property
     def generation_settings(self) -> dict:
