@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--early-stop", action="store_true", help="then the largest group once more with generations "
                     "stopped as soon as the judge decides (--early-stop): its time, and whether every verdict "
                     "equals the full-length run's (completions differ by design)")
+    ap.add_argument("--shared-rows", choices=["on", "off"], default="on", help="scoring sets share rows "
+                    "(refusalscope run --shared-rows; off: one row per set, the code before it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -49,7 +51,7 @@ def main() -> None:
     saes = steps.stage_saes(base.saes, settings, base.lm)
     out: dict = {"run": str(args.run), "threads": torch.get_num_threads(), "device": str(base.lm.device),
                  "dtype": str(base.lm.dtype), "prompts": [r.id for r in recs],
-                 "recorded_stage1_k": [r.stage1.k for r in recs], "by_group": {}}
+                 "recorded_stage1_k": [r.stage1.k for r in recs], "shared_rows": args.shared_rows, "by_group": {}}
     reference = None
     sizes = [int(x) for x in args.groups.split(",")]
 
@@ -57,7 +59,7 @@ def main() -> None:
         ctx = StageContext(base.lm, saes, base.judge, max_new_tokens=settings.max_new_tokens,
                            batch_size=settings.batch_size * g, score_batch_size=settings.stage2_batch_size,
                            cache=CompletionCache(), skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
-                           share_rows=settings.shared_rows, early_stop=early_stop)
+                           share_rows=args.shared_rows == "on", early_stop=early_stop)
         t0 = time.perf_counter()
         records = [rec for group in steps.groups(items, g) for rec in steps.process_prompts(ctx, group, ranked,
                                                                                               settings)]
