@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 13 as one command for a lent machine (benchmarks/RESULTS.md records what it printed):
-#   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's), Gemma-2-2B with 65k
-#   JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
-# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch]
-#   batch: Stage 2 alone at Gemma-2-2B/65k shapes with shared rows and with one row per set (bench_stages.py
-#   --rows-off), then Gemma-2-2B/65k with 16 prompts in lockstep (--prompt-batch 16) and the one-prompt baseline
+#   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's; also with shared rows),
+#   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
+# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows]
+#   batch (~8 min): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
+#   rows (~2 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
+#   --rows-off); how much sharing saves depends on how often the random SAEs' latents fire
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -17,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 log="$OUT/log.txt"
-if [ "${1:-all}" = batch ]; then
+if [ "${1:-all}" = rows ]; then
     {
         date -u
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -25,6 +26,15 @@ if [ "${1:-all}" = batch ]; then
         echo "== stage 2 alone, gemma-2-2b shapes, 65k, 4,800 candidates: shared rows vs one row per set"
         timeout "${STAGE2_S:-150}" python3 bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800 \
             --batch-size 1024 --repeats 2 --sequential-taus "" --rows-off | tee "$OUT/stage2_rows.json"
+        date -u
+    } 2>&1 | tee "$log"
+    exit
+fi
+if [ "${1:-all}" = batch ]; then
+    {
+        date -u
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        cd benchmarks || exit 1
         # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
         echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
         timeout "${BASE_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
@@ -43,7 +53,8 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "== CUDA tests"
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py -k cuda
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py \
+        tests/interventions/test_shared_rows.py -k cuda
     cd benchmarks || exit 1
     echo "== toy on CUDA, fp32"
     timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --json "$OUT/toy_cuda.json"

@@ -19,8 +19,9 @@ The cost must not depend on what a random model happens to say, so every sweep r
 calls anything a jailbreak and never decides early, Stage 1 tries every K up to ``--k-cap`` (200), Stage 2 prunes
 the whole K-cap set (200 latents × every layer ≥ 3) for 3 seeds × 8 τ, the Stage-2 checks run on a fixed set of
 ``--set-size`` active features, and Stage 3 sweeps K = 100 … 2,000 (plus the probe at equal K, Stage-3 only and
-the causal forward) with random FM embeddings. Scoring sets do not share rows (``--shared-rows off``): how much
-sharing saves depends on which latents fire, which a random model does not tell. The direction step
+the causal forward) with random FM embeddings. Unlike ``refusalscope run``, scoring sets do not share rows here
+(``--shared-rows off``): how much sharing saves depends on which latents fire, which a random model does not tell,
+and with nothing to share the sharing path only adds its bookkeeping. The direction step
 (``direction.compute_direction``) and Stage 1's ranking run once per run. Per stage it prints seconds per prompt and
 peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water mark, which only grows), and, on
 ``--reference-prompts`` prompts, the ratio against the plain reference forms measured in the same run:

@@ -220,7 +220,7 @@ class RunSettings(ModelOptions):
     stage2_skip: Literal["auto", "on", "off"] = Field(
         "auto", description="Stage 2: skip the forward of a chain step whose block did not fire in the previous "
         "set's forward (exact: same P); auto: on CPU without --shared-rows only")
-    shared_rows: bool = Field(True, description="Stages 2-3 scoring: ablated sets that agree on the latents that "
+    shared_rows: bool = Field(True, description="Stage 2 scoring: ablated sets that agree on the latents that "
                               "fired so far share one batch row (same P up to float rounding); off: one row per set")
     early_stop: bool = Field(False, description="stop each generation once the judge's verdict can no longer change "
                              "(a refusal phrase appeared): same verdicts, shorter stored completions")

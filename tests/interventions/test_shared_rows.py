@@ -47,12 +47,30 @@ def _chain(any_tiny_lm, arch):
     return lm, saes, batch, cands, membership(cands, sets)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
-def test_shared_rows_give_the_probabilities_of_one_row_per_set(any_tiny_lm, arch):
-    lm, saes, batch, cands, member = _chain(any_tiny_lm, arch)
+def _expected_rows(cands, member, fired, batch_size):
+    """Plain count of the rows shared rows must compute: per chunk and ablated layer, the distinct patterns of
+    fired ablated latents (the one-row-per-set flags) at the layers before it."""
+    layers = sorted({layer for layer, _ in cands})
+    total = 0
+    for start in range(0, member.shape[0], batch_size):
+        flags = fired[start:start + batch_size]
+        for layer in layers:
+            cols = [j for j, (ly, _) in enumerate(cands) if ly < layer]
+            total += len({tuple(row[cols].tolist()) for row in flags})
+    return total
+
+
+def _scorers(lm, saes, batch, cands):
     ids = lm.refusal_token_ids()
     plain = SetScorer(lm.model, lm.n_layers, batch, ids, saes, cands, batch_size=8, share="none")
     shared = SetScorer(lm.model, lm.n_layers, batch, ids, saes, cands, batch_size=8, share="layers")
+    return plain, shared
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_shared_rows_give_the_probabilities_of_one_row_per_set(any_tiny_lm, arch):
+    lm, saes, batch, cands, member = _chain(any_tiny_lm, arch)
+    plain, shared = _scorers(lm, saes, batch, cands)
     p_plain, f_plain = plain(member, fired=True)
     p_shared, f_shared = shared(member, fired=True)
     assert torch.allclose(p_shared, p_plain, rtol=1e-5, atol=1e-9)
@@ -60,7 +78,24 @@ def test_shared_rows_give_the_probabilities_of_one_row_per_set(any_tiny_lm, arch
     assert len(set(p_plain.tolist())) > 3  # the ablations mattered
     assert plain.layer_rows[0] == plain.layer_rows[1] == member.shape[0] * 3
     assert shared.layer_rows[1] == member.shape[0] * 3
-    assert shared.layer_rows[0] < shared.layer_rows[1]  # rows were shared
+    # exactly as many rows as distinct fired patterns: nothing shared that differs, nothing split that agrees
+    assert shared.layer_rows[0] == _expected_rows(cands, member, f_plain, 8) < shared.layer_rows[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_rows_on_cuda_give_the_probabilities_of_one_row_per_set(tiny_dirs):
+    from refusalscope.lm.loading import load_model
+
+    lm = load_model(str(tiny_dirs["qwen2"]), device="cuda")
+    _, saes, batch, cands, member = _chain(lm, "topk")
+    saes = {layer: sae.to("cuda") for layer, sae in saes.items()}
+    batch = {k: v.to("cuda") for k, v in batch.items()}
+    plain, shared = _scorers(lm, saes, batch, cands)
+    p_plain, f_plain = plain(member, fired=True)
+    p_shared, f_shared = shared(member, fired=True)
+    assert torch.allclose(p_shared, p_plain, rtol=1e-4, atol=1e-7)
+    assert torch.equal(f_shared, f_plain)
+    assert shared.layer_rows[0] < shared.layer_rows[1]
 
 
 def test_a_latent_that_never_fires_costs_no_row(tiny_lm):
@@ -70,14 +105,15 @@ def test_a_latent_that_never_fires_costs_no_row(tiny_lm):
     rec = LatentRecorder(saes, {1: None, 2: None})
     with torch.inference_mode(), hooked(lm.model, rec.hooks(lm.n_layers)):
         lm.model(**batch)
-    z1 = rec.records[1][0][0]
+    z1, z2 = rec.records[1][0][0], rec.records[2][0][0]
     silent = [(1, i) for i in range(64) if (z1[:, i] == 0).all()]
-    active = [(1, i) for i in range(64) if (z1[:, i] > 0).any()][:3]
+    active = [(2, i) for i in range(64) if (z2[:, i] > 0).any()][:3]
     assert silent and active
-    cands = active + silent
-    member = membership(cands, [active, active + silent[:1], active + silent, active[:1]])
+    cands = silent + active
+    member = membership(cands, [active, silent[:1] + active, silent + active, active[:1]])
     scorer = SetScorer(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, cands, share="layers")
     p = scorer(member)
-    assert scorer.layer_rows == [1, 4]  # one ablated layer: the forward reached it with one row
+    # layer 1 splits nothing (its ablated latents never fire), so layer 2 is reached with one row, not three
+    assert scorer.layer_rows == [2, 8]
     assert p[0] == p[1] == p[2]  # the silent latents change nothing, bit for bit
     assert p[3] != p[0]

@@ -159,8 +159,8 @@ def test_run_stage2_skip_option(tiny_lm):
     saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=64, layer=layer, seed=layer) for layer in (1, 2)}
     feats = sorted({(layer, i) for layer in (1, 2) for i in range(0, 64, 3)})
     ctx = StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=3, batch_size=8, score_batch_size=16)
-    assert not ctx.skips_inactive  # CPU default with shared rows (the default)
-    assert replace(ctx, share_rows=False).skips_inactive  # CPU default without them
+    assert not ctx.skips_inactive()  # CPU default with shared rows (the default)
+    assert replace(ctx, share_rows=False).skips_inactive()  # CPU default without them
     on = run_stage2(ctx, "Tell me a story.", feats, taus=[0.1, 0.4], seeds=[0, 1], skip_inactive=True)
     off = run_stage2(ctx, "Tell me a story.", feats, taus=[0.1, 0.4], seeds=[0, 1])
     assert [r.features for r in on.per_tau] == [r.features for r in off.per_tau]

@@ -1,14 +1,15 @@
 """Many ablated sets of one prompt in one forward, where sets that still agree share a batch row.
 
-Stage 2 scores nested sets (a chain S_0 ⊃ S_1 ⊃ …, paper Algorithm 1) and Stage 3 nested top-K sets, all on
-one prompt. Two sets give the same residual stream up to layer l as long as they agree on the latents that
-fire (z ≠ 0) at layers ≤ l: a latent that does not fire is subtracted as z W_dec = 0 whether it is ablated or
-not (by induction over layers, as in ``stage2.build_chains_skipping``). So the forward starts from the prompt
-alone (one row) and, at each ablated layer, splits its rows only where the sets differ in a latent that fired in
-that row: a chain step costs a row only from the layer where its block first fires.
+Stage 2 scores nested sets of one prompt (a chain S_0 ⊃ S_1 ⊃ … per seed, paper Algorithm 1). Two sets give the same
+residual stream up to layer l as long as they agree on the latents that fire (z ≠ 0) at layers ≤ l: a latent that
+does not fire is subtracted as z W_dec = 0 whether it is ablated or not (by induction over layers, as in
+``stage2.build_chains_skipping``). So the forward starts from the prompt alone (one row) and, at each ablated layer,
+splits its rows only where the sets differ in a latent that fired in that row: a chain step costs a row only from
+the layer where its block first fires.
 
 ``SharedRowAblation`` is the hook; ``rows`` maps each set to its row at the end of the forward. Same result as
-``LatentAblation`` with one row per set (tested), up to float rounding that depends on batch shapes.
+``LatentAblation`` with one row per set (tested), up to float rounding that depends on batch shapes (a kernel
+whose sums depend on the batch, as on a GPU or in bf16, can also move a latent across its threshold).
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ class SharedRowAblation(Intervention):
             if plan.mask is None or plan.mask.shape[0] != self.n_sets:
                 raise RefusalScopeError(f"layer {layer}: shared rows need one mask row per set ({self.n_sets})")
         self.rows = torch.zeros(self.n_sets, dtype=torch.long)
+        self.n_rows = 1  # rows of the stream now (kept on the host: no device sync to read it)
 
     def hooks(self, n_layers: int) -> list[Hook]:
         self.rows = torch.zeros(self.n_sets, dtype=torch.long)
+        self.n_rows = 1
         self.computed = []
 
         def make(plan: LayerPlan, layer: int):
@@ -68,16 +71,16 @@ class SharedRowAblation(Intervention):
 
             def edit(h: torch.Tensor):
                 rows = self.rows.to(h.device)
-                if h.shape[0] != int(rows.max()) + 1:
+                if h.shape[0] != self.n_rows:
                     raise RefusalScopeError(f"shared rows: the forward has {h.shape[0]} rows, expected "
-                                            f"{int(rows.max()) + 1}; run it on the prompt alone (batch 1)")
+                                            f"{self.n_rows}; run it on the prompt alone (batch 1)")
                 self.computed.append(h.shape[0])
                 z, dec = _codes(plan, h, self.fast)
                 m = member.to(h.device)
                 if self.fired is not None:
                     self.fired.setdefault(layer, []).append(m & (z > 0).any(dim=1)[rows])
                 new_rows, parent, mask = split_rows(rows, m, (z != 0).any(dim=1))
-                self.rows = new_rows
+                self.rows, self.n_rows = new_rows, parent.shape[0]
                 x = h.index_select(0, parent).float()
                 return (x - (z.index_select(0, parent) * mask[:, None, :].to(z.dtype)) @ dec).to(h.dtype)
             return edit

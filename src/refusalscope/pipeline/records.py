@@ -14,7 +14,7 @@ from refusalscope.stages.stage2 import Stage2Result
 
 def untimed(obj):
     """A record's JSON form without its wall-clock fields (``seconds``), the only part that may differ between
-    two computations of the same results."""
+    two computations of the same results with the same settings."""
     if isinstance(obj, dict):
         return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
     if isinstance(obj, list):

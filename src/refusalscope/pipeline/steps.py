@@ -450,7 +450,6 @@ def run_stage3_step(
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size * prompt_batch(settings, lm),
         score_batch_size=settings.stage2_batch_size,
-        share_rows=settings.shared_rows,
         cache=cache,
     )
     key = store.portable(

@@ -111,12 +111,13 @@ class StageContext:
     # sets per scoring forward; our choice: 64 on CPU (memory-bound), 1,024 on a GPU (fills an H100 at 2B shapes)
     score_batch_size: int | None = None
     cache: CompletionCache = field(default_factory=CompletionCache)
-    # Stage 2 skips chain steps whose block did not fire (exact); None: our choice, on CPU without shared rows
-    # only: shared rows already run a silent step in its predecessor's row, and then the rounds skipping needs
-    # cost more than they save (0.92-0.98x on CPU, RESULTS.md); a GPU scores ~1,000 sets per forward anyway
+    # Stage 2 skips chain steps whose block did not fire (exact); None: our choice, on CPU when rows are not shared
+    # only: shared rows already run a silent step in its predecessor's row, and skipping then gained nothing
+    # measurable on CPU (RESULTS.md); a GPU scores ~1,000 sets per forward anyway
     skip_inactive: bool | None = None
-    # scoring: sets that agree on the latents that fired so far share a batch row (``interventions.shared_rows``);
-    # our choice: on everywhere, since it only removes duplicate rows (1.5x on Stage 2 on CPU, RESULTS.md)
+    # Stage-2 scoring: sets that agree on the latents that fired so far share a batch row
+    # (``interventions.shared_rows``); our choice: on everywhere, since it only removes duplicate rows (1.5x on
+    # Stage 2 on CPU, RESULTS.md; on a GPU not measured yet: gpu_checks.sh rows)
     share_rows: bool = True
     # stop a generation once the judge's verdict cannot change (``Judge.decided``): exact verdicts, shorter
     # completions; our choice: off, since stored completions are read by people (samples in reports)
@@ -130,11 +131,12 @@ class StageContext:
             return self.score_batch_size
         return 1024 if torch.device(self.lm.device).type == "cuda" else 64
 
-    @property
-    def skips_inactive(self) -> bool:
+    def skips_inactive(self, scorer: SetScorer | None = None) -> bool:
+        """Whether Stage 2 skips silent chain steps with ``scorer`` (default: as a scorer of this context would)."""
         if self.skip_inactive is not None:
             return self.skip_inactive
-        return torch.device(self.lm.device).type != "cuda" and not self.share_rows
+        shares = scorer.shares_rows if scorer is not None else self.share_rows
+        return torch.device(self.lm.device).type != "cuda" and not shares
 
     @property
     def generation_settings(self) -> dict:

@@ -77,7 +77,10 @@ class SetScorer:
             T = batch["input_ids"].shape[1]
             low = min(int(layer) for layer, _ in candidates)
             p0 = clean_prefix_length(model, n_layers, batch, saes, candidates) if share != "layers" else 0
-            if p0 > 0 and (share == "positions" or p0 / T >= low / n_layers):
+            # our choice: with shared rows "auto" takes the cache only if it skips at least half the prompt, since
+            # shared rows alone saved 35-40 % of the rows on the default model (benchmarks/RESULTS.md)
+            cached = p0 / T >= low / n_layers and (not self.share_rows or p0 / T >= 0.5)
+            if p0 > 0 and (share == "positions" or cached):
                 self.p0 = p0
                 with torch.inference_mode():
                     self.cache = model(input_ids=batch["input_ids"][:, :p0],
@@ -85,6 +88,11 @@ class SetScorer:
                                        use_cache=True, logits_to_keep=1).past_key_values
             elif share != "positions":
                 self.outs = layer_outputs(model, self.batch, low)
+
+    @property
+    def shares_rows(self) -> bool:
+        """Whether sets share rows (not with a shared key/value cache, whose batch is fixed)."""
+        return self.plans is not None and self.cache is None and self.share_rows
 
     @torch.inference_mode()
     def __call__(self, member: torch.Tensor, fired: bool = False):
@@ -96,7 +104,7 @@ class SetScorer:
             for start in range(0, member.shape[0], self.batch_size):
                 chunk = member[start:start + self.batch_size].to(self.device)
                 sink: dict[int, list[torch.Tensor]] | None = {} if fired else None
-                if self.plans is not None and self.cache is None and self.share_rows:
+                if self.shares_rows:
                     p = self._shared_rows(chunk, sink)
                 else:
                     p = self._one_row_per_set(chunk, sink)

@@ -249,8 +249,8 @@ def stage2_flow(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *
     """``run_stage2`` as a flow (``StageContext.lockstep``): the pruning forwards run in place, the τ sets'
     completions are one request."""
     t0 = time.perf_counter()
-    skip = ctx.skips_inactive if skip_inactive is None else skip_inactive
     scorer = ctx.scorer(prompt, candidates)
+    skip = ctx.skips_inactive(scorer) if skip_inactive is None else skip_inactive
     if skip:
         chains, scored = build_chains_skipping(candidates, lambda m: scorer(m, fired=True), seeds, block,
                                                batch_size=ctx.scoring_batch)
@@ -280,7 +280,7 @@ def stage2_flow(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *
 def run_stage2(ctx: StageContext, prompt: str, candidates: Sequence[Feature], *, taus: Sequence[float],
                seeds: Sequence[int], block: int = 5, skip_inactive: bool | None = None) -> Stage2Result:
     """Algorithm 1 on a prompt's Stage-1 set, every (τ, seed) from one batch of forwards (``prune_batched``), or
-    without the steps whose block did not fire (``build_chains_skipping``; default: ``ctx.skips_inactive``);
+    without the steps whose block did not fire (``build_chains_skipping``; default: ``ctx.skips_inactive()``);
     each τ keeps the features found with every seed and its set is judged by generation."""
     return ctx.lockstep([stage2_flow(ctx, prompt, candidates, taus=taus, seeds=seeds, block=block,
                                      skip_inactive=skip_inactive)])[0]
