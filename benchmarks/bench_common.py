@@ -46,10 +46,15 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype | None = N
     else:
         config = Qwen2Config(**cfg)
         cls = Qwen2ForCausalLM
-    config.torch_dtype = dtype
-    with torch.device(device):
-        model = cls(config).to(dtype)
-    model.eval()
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)  # renamed in transformers 5
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in fp32 (32 GB) on the way
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to(dtype).eval()
     return model, config.num_hidden_layers, config.hidden_size, config.vocab_size
 
 

@@ -147,6 +147,8 @@ def parse_args(argv):
                     "saves depends on how often the random SAEs' latents fire, and the worst case is no sharing")
     ap.add_argument("--direction-prompts", type=int, default=32, help="prompts per side for the direction step")
     ap.add_argument("--set-size", type=int, default=20, help="features of the Stage-2 set the later steps use")
+    ap.add_argument("--setup-only", action="store_true", help="build the model and SAEs, print the setup's time "
+                    "and peak memory, and stop")
     ap.add_argument("--json", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
     if args.toy:
@@ -266,6 +268,10 @@ def main(argv=None) -> dict:
                  "setup_s": {"model": round(env["model_s"], 2), "saes": round(env["saes_s"], 2)}}
     if device.type == "cuda":
         out["setup_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if args.setup_only:
+        out["setup_rss_high_water_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps(out))
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         out["direction_s_per_run"] = round(direction_step(lm, args, Path(tmp)), 2)
 
