@@ -87,7 +87,10 @@ def main() -> None:
         batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
         token_ids = lm.refusal_token_ids()
     else:
+        from refusalscope.lm.loading import contiguous_head_input
+
         model, n_layers, d, vocab = random_model(args.random_shape, device)
+        contiguous_head_input(model)  # as every model refusalscope loads (LoadedModel) has it
         layers = list(range(3, n_layers))
         saes = random_jumprelu_saes(layers, d, args.width, device)
         per_layer = -(-args.candidates // len(layers))
