@@ -4,8 +4,9 @@
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
 # Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows]
 #   batch (~8 min): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
-#   rows (~2 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
-#   --rows-off); how much sharing saves depends on how often the random SAEs' latents fire
+#   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
+#   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
+#   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -26,6 +27,11 @@ if [ "${1:-all}" = rows ]; then
         echo "== stage 2 alone, gemma-2-2b shapes, 65k, 4,800 candidates: shared rows vs one row per set"
         timeout "${STAGE2_S:-150}" python3 bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800 \
             --batch-size 1024 --repeats 2 --sequential-taus "" --rows-off | tee "$OUT/stage2_rows.json"
+        for c in 5 20; do
+            echo "== gemma-2-2b, 65k, one prompt, sweeps' K values $c per generation batch"
+            timeout "${CHUNK_S:-60}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+                --prompts 1 --reference-prompts 0 --k-chunk "$c" --batch-size 32 --json "$OUT/gemma65k_chunk$c.json"
+        done
         date -u
     } 2>&1 | tee "$log"
     exit

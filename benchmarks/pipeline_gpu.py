@@ -132,6 +132,8 @@ def parse_args(argv):
     ap.add_argument("--reference-pairs", type=int, default=1, help="(τ, seed) pairs of the Stage-2 reference")
     ap.add_argument("--k-cap", type=int, default=200)
     ap.add_argument("--k-step", type=int, default=10)
+    ap.add_argument("--k-chunk", type=int, default=5, help="K values per generation batch in the Stage-1 and "
+                    "Stage-3 sweeps (refusalscope run --k-chunk; a sweep stops at the first chunk that jailbreaks)")
     ap.add_argument("--stage3-k", default="100-2000", help="Stage 3 K values: 'A-B' in steps of A, or 'a,b,c'")
     ap.add_argument("--probe-k", default="100,500,1000,2000")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -262,7 +264,8 @@ def main(argv=None) -> dict:
                  "sae_placement": env["placement"], "target_l0": args.l0, "prompt_tokens": env["prompt_tokens"],
                  "prompts": args.prompts, "k_cap": args.k_cap, "stage2_taus": len(TAUS), "stage2_seeds": 3,
                  "stage3_k": _k_values(args.stage3_k), "max_new_tokens": args.max_new_tokens,
-                 "prompt_batch": args.prompt_batch, "generation_batch": args.batch_size * args.prompt_batch,
+                 "prompt_batch": args.prompt_batch, "k_chunk": args.k_chunk,
+                 "generation_batch": args.batch_size * args.prompt_batch,
                  "judge": judge.name + " (worst case: every sweep runs to its cap)",
                  "shared_rows": args.shared_rows,
                  "setup_s": {"model": round(env["model_s"], 2), "saes": round(env["saes_s"], 2)}}
@@ -289,7 +292,7 @@ def main(argv=None) -> dict:
 
     skip = {"on": True, "off": False}.get(args.stage2_skip)
     ctx = context(args.batch_size * args.prompt_batch, skip)  # a group's rows share generation batches
-    opts = Stage3Options(k_values=_k_values(args.stage3_k), probe_k=_k_values(args.probe_k))
+    opts = Stage3Options(k_values=_k_values(args.stage3_k), probe_k=_k_values(args.probe_k), k_chunk=args.k_chunk)
     prompts = synthetic_prompts(args.prompts)
     cands = candidate_set(ranked, args.k_cap)
     # random FM embeddings and probe weights for every feature active on these prompts (Stage 3's candidates)
@@ -320,7 +323,7 @@ def main(argv=None) -> dict:
             peaks[stage] = max(peaks[stage], m.peak_mb)
             return res
 
-        for r1 in timed("stage1", [stage1_flow(p, ranked, step=args.k_step, cap=args.k_cap, chunk=5)
+        for r1 in timed("stage1", [stage1_flow(p, ranked, step=args.k_step, cap=args.k_cap, chunk=args.k_chunk)
                                    for _, p in group]):
             detail["stage1_k_tried"].append(len(r1.tried))
         for (_, prompt), r2 in zip(group, timed("stage2", [stage2_flow(ctx, p, cands, taus=TAUS, seeds=[0, 1, 2])
