@@ -136,8 +136,11 @@ class SetScorer:
 
     def _shared_rows(self, chunk: torch.Tensor, sink) -> torch.Tensor:
         iv = SharedRowAblation(self.plans.for_rows(chunk), chunk.shape[0], self.fast, fired=sink)
+        inputs = dict(self.batch)
+        if bool(inputs["attention_mask"].all()):  # one unpadded prompt: no mask whose batch attention code could
+            inputs.pop("attention_mask")  # compare with the growing batch (flash attention unpads by the mask)
         with hooked(self.model, iv.hooks(self.n_layers)), batch_context(self.batch["attention_mask"]):
-            logits = self.model(**self.batch, logits_to_keep=1, use_cache=False).logits
+            logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits
         self.layer_rows[0] += sum(iv.computed)
         self.layer_rows[1] += chunk.shape[0] * len(iv.computed)
         return self._probs(logits)[iv.rows.to(logits.device)]
