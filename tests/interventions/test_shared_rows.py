@@ -60,17 +60,17 @@ def _expected_rows(cands, member, fired, batch_size):
     return total
 
 
-def _scorers(lm, saes, batch, cands):
+def _scorers(lm, saes, batch, cands, fast=True):
     ids = lm.refusal_token_ids()
-    plain = SetScorer(lm.model, lm.n_layers, batch, ids, saes, cands, batch_size=8, share="none")
-    shared = SetScorer(lm.model, lm.n_layers, batch, ids, saes, cands, batch_size=8, share="layers")
+    plain = SetScorer(lm.model, lm.n_layers, batch, ids, saes, cands, batch_size=8, share="none", fast=fast)
+    shared = SetScorer(lm.model, lm.n_layers, batch, ids, saes, cands, batch_size=8, share="layers", fast=fast)
     return plain, shared
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
-def test_shared_rows_give_the_probabilities_of_one_row_per_set(any_tiny_lm, arch):
+@pytest.mark.parametrize("arch,fast", [("jumprelu", True), ("jumprelu", False), ("topk", True)])
+def test_shared_rows_give_the_probabilities_of_one_row_per_set(any_tiny_lm, arch, fast):
     lm, saes, batch, cands, member = _chain(any_tiny_lm, arch)
-    plain, shared = _scorers(lm, saes, batch, cands)
+    plain, shared = _scorers(lm, saes, batch, cands, fast)
     p_plain, f_plain = plain(member, fired=True)
     p_shared, f_shared = shared(member, fired=True)
     assert torch.allclose(p_shared, p_plain, rtol=1e-5, atol=1e-9)
