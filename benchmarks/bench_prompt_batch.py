@@ -24,7 +24,7 @@ def main() -> None:
     from refusalscope.analysis.finished_run import FinishedRun
     from refusalscope.config import RunSettings
     from refusalscope.pipeline import steps
-    from refusalscope.pipeline.records import untimed
+    from refusalscope.pipeline.records import untimed, without
     from refusalscope.stages.context import CompletionCache, StageContext
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"group {g}: {seconds / len(items):.1f} s per prompt, same records: {got == reference}", flush=True)
     if args.early_stop:
         got, seconds = run(sizes[-1], early_stop=True)
-        same = verdicts(got) == verdicts(reference)
+        same = without(got, "completion") == without(reference, "completion")  # early stopping shortens them
         out["early_stop"] = {"group": sizes[-1], "seconds_per_prompt": round(seconds / len(items), 1),
                              "same_verdicts_as_first": same}
         print(f"group {sizes[-1]}, early stop: {seconds / len(items):.1f} s per prompt, same verdicts: {same}",
@@ -82,15 +82,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-
-
-def verdicts(obj):
-    """A record's JSON form without its completions (what early stopping shortens)."""
-    if isinstance(obj, dict):
-        return {k: verdicts(v) for k, v in obj.items() if k != "completion"}
-    if isinstance(obj, list):
-        return [verdicts(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

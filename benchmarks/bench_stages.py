@@ -23,6 +23,7 @@ TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def main() -> None:
+    from refusalscope.stages.scoring import SetScorer
     from refusalscope.stages.stage1 import candidate_set, ranked_latents
     from refusalscope.stages.stage2 import prune_batched, prune_sequential
 
@@ -104,16 +105,16 @@ def main() -> None:
 
     forwards = {"n": 0}
 
-    layer_rows = {True: [0, 0], False: [0, 0]}  # rows computed at the ablated layers, vs one row per set
+    layer_rows = [0, 0]  # with shared rows: rows computed at the ablated layers, vs one row per set
 
     def prob(member, share_rows=True):
-        from refusalscope.stages.scoring import SetScorer
-
         forwards["n"] += member.shape[0]
+        # as refusal_probs_for_batch, keeping the scorer to read its row counts
         scorer = SetScorer(model, n_layers, batch, token_ids, saes, cands, batch_size=args.batch_size,
                            share=args.share if member.shape[0] > 1 else "none", share_rows=share_rows)
         p = scorer(member)
-        layer_rows[share_rows] = [a + b for a, b in zip(layer_rows[share_rows], scorer.layer_rows)]
+        if share_rows:
+            layer_rows[:] = [a + b for a, b in zip(layer_rows, scorer.layer_rows)]
         return p
 
     prob(torch.ones(2, len(cands), dtype=torch.bool))  # warm-up (CUDA kernels, allocator)
@@ -123,14 +124,14 @@ def main() -> None:
         forwards["n"] = 0
         sync(device)
         t0 = time.perf_counter()
-        layer_rows[True] = [0, 0]
+        layer_rows[:] = [0, 0]
         kept, chains = prune_batched(cands, prob, TAUS, seeds)
         sync(device)
         times.append(time.perf_counter() - t0)
     t_batched = min(times)
     out.update(share=args.share, batch_size=args.batch_size, stage2_batched_runs_s=[round(t, 3) for t in times])
     out.update(candidates=len(cands), seeds=seeds, taus=TAUS, stage2_batched_s=round(t_batched, 3),
-               stage2_batched_layer_rows_computed_vs_one_per_set=layer_rows[True],
+               stage2_batched_layer_rows_computed_vs_one_per_set=list(layer_rows),
                stage2_sets_scored=forwards["n"],
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
     if args.rows_off:
@@ -145,7 +146,6 @@ def main() -> None:
         out.update(stage2_rows_off_runs_s=[round(t, 3) for t in times_off], stage2_rows_off_s=round(t_off, 3),
                    rows_off_same_sets=kept_off == kept, speedup_shared_rows=round(t_off / t_batched, 2))
     if args.skip_inactive:
-        from refusalscope.stages.scoring import SetScorer
         from refusalscope.stages.stage2 import build_chains_skipping
 
         sync(device)

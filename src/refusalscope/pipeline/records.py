@@ -12,14 +12,19 @@ from refusalscope.stages.stage1 import Stage1Result
 from refusalscope.stages.stage2 import Stage2Result
 
 
+def without(obj, key: str):
+    """A record's JSON form with every field named ``key`` dropped, at any depth."""
+    if isinstance(obj, dict):
+        return {k: without(v, key) for k, v in obj.items() if k != key}
+    if isinstance(obj, list):
+        return [without(v, key) for v in obj]
+    return obj
+
+
 def untimed(obj):
     """A record's JSON form without its wall-clock fields (``seconds``), the only part that may differ between
     two computations of the same results with the same settings."""
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [untimed(v) for v in obj]
-    return obj
+    return without(obj, "seconds")
 
 
 class PromptRecord(BaseModel):
