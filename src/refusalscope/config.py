@@ -224,6 +224,10 @@ class RunSettings(ModelOptions):
                               "fired so far share one batch row (same P up to float rounding); off: one row per set")
     early_stop: bool = Field(False, description="stop each generation once the judge's verdict can no longer change "
                              "(a refusal phrase appeared): same verdicts, shorter stored completions")
+    # our choice: off until a GPU shows it pays (a CPU decode step is bound by its matmuls: no gain, RESULTS.md)
+    compile_generation: Literal["off", "cudagraphs", "inductor", "aot_eager"] = Field(
+        "off", description="decode with a static key/value cache and a compiled step (GPU): cudagraphs (CUDA graphs, "
+        "seconds per shape) or inductor (fused kernels, minutes per shape); shapes are bucketed so they are reused")
     sae_placement: Literal["auto", "device", "host"] = Field(
         "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "

@@ -37,3 +37,17 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
     assert min(out["active_features_per_prompt"]) > max(out["stage3_k"])  # Stage 3 has enough candidates
     assert out["prompt_batch"] == 2 and out["generation_batch"] == 2 * toy["batch_size"]
     assert out["reference"]["stage2"]["same_sets"] == "1 of 1"  # fp32: the fast path keeps the reference's sets
+
+
+def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeypatch):
+    """With --compile-generation the second prompt reuses the first prompt's compiled decode steps (padded
+    ablations, bucketed rows and prompt length): no new graph after the first prompt."""
+    import torch._dynamo
+
+    bench = load_benchmark(monkeypatch, "pipeline_gpu")
+    torch._dynamo.reset()
+    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--reference-prompts", "0",
+                      "--compile-generation", "aot_eager"])
+    graphs = out["detail"]["compiled_graphs"]
+    assert out["compile_generation"] == "aot_eager" and len(graphs) == 2
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]

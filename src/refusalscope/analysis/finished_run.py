@@ -145,6 +145,7 @@ class FinishedRun:
                             batch_size=batch_size or int(cfg.get("batch_size", 16)),
                             score_batch_size=cfg.get("stage2_batch_size"),
                             share_rows=bool(cfg.get("shared_rows", True)),
+                            compile=cfg.get("compile_generation", "off"),
                             cache=CompletionCache(self.store.path("completions.sqlite")))
 
     def judge(self, name: str | None = None) -> Judge:

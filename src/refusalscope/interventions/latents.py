@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from refusalscope.errors import RefusalScopeError
+from refusalscope.lm.compiled import bucket
 from refusalscope.lm.hooks import Hook, current_attention_mask
 from refusalscope.interventions.base import Intervention
 from refusalscope.saes.sae import Sae
@@ -263,6 +264,29 @@ class LatentAblation(Intervention):
 
     def select(self, rows):
         return replace(self, plans={layer: p.select(rows) for layer, p in self.plans.items()}) if self.per_row else self
+
+    def padded(self, saes: Mapping[int, Sae], rows: int, device: torch.device | None = None) -> "LatentAblation":
+        """The same ablation with shapes that depend on a bucket only, for compiled generation (``lm.compiled``):
+        a plan at every layer of ``saes`` and every plan's latents padded to one power-of-two count U ≥ 8, the
+        padding masked out of every row. Same h' (masked columns add exact zeros; a layer with nothing to ablate
+        returns h), while the compiled decode step sees the same hooks and tensor shapes for many sets.
+
+        ``rows``: the rows of a per-row ablation (needed when no row ablates anything)."""
+        widths = [len(p.ids) for p in self.plans.values()]
+        U = bucket(max(widths, default=0), least=8)
+        plans = {}
+        for layer in sorted(set(saes) | set(self.plans)):
+            plan = self.plans.get(layer)
+            sae = plan.sae if plan is not None else saes[layer]
+            dev = plan.ids.device if plan is not None else torch.device(device or sae.W_dec.device)
+            ids = plan.ids if plan is not None else torch.empty(0, dtype=torch.long, device=dev)
+            fill = ids[:1] if len(ids) else torch.zeros(1, dtype=torch.long, device=dev)
+            full = torch.cat([ids, fill.expand(U - len(ids))])
+            mask = torch.zeros(rows, U, dtype=sae.W_dec.dtype, device=dev)
+            if plan is not None:
+                mask[:, :len(ids)] = 1.0 if plan.mask is None else plan.mask
+            plans[layer] = LayerPlan(sae, full, mask, _restrict(sae, full, dev))
+        return replace(self, plans=plans, per_row=True)
 
     def hooks(self, n_layers: int) -> list[Hook]:
         def make(plan: LayerPlan, layer: int):

@@ -12,8 +12,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.interventions import Intervention, hooks_for
+from refusalscope.lm.compiled import LENGTH_BUCKET, generate_kwargs, padded_rows
+from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat, tokenize
 
@@ -98,13 +99,19 @@ class _StopWhenDecided(StoppingCriteria):
 
 def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
              interventions: Sequence[Intervention] = (), desc: str = "generate", progress: bool = True,
-             stop: Callable[[list[str], list[str]], Sequence[bool]] | None = None) -> list[str]:
+             stop: Callable[[list[str], list[str]], Sequence[bool]] | None = None,
+             compile: str = "off") -> list[str]:
     """Greedy completions (special tokens stripped), in input order.
 
     ``stop(instructions, texts) -> [bool]`` (e.g. ``Judge.decided``) is asked after every new token with each
     row's instruction and text so far; a row it marks ends there (its completion is that text), and a batch ends
     once every row has.
+
+    ``compile`` (``lm.compiled.MODES``): decode with a static cache and a compiled step; batches are padded to a
+    power-of-two row count and a multiple of ``LENGTH_BUCKET`` tokens so compiled shapes are reused (interventions
+    should be shape-stable too: ``LatentAblation.padded``).
     """
+    compiled = generate_kwargs(compile, lm.device)
     texts = format_chat(lm.tokenizer, instructions)
     completions: list[str] = [""] * len(texts)
     tok = lm.tokenizer
@@ -112,12 +119,13 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
     eos_ids = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
     with _progress(len(texts), desc, progress) as bar:
         for rows in length_sorted_batches(texts, tok, batch_size):
-            batch = tokenize(tok, [texts[i] for i in rows], lm.device)
-            with (torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, rows)),
+            run = padded_rows(rows) if compiled else rows
+            batch = tokenize(tok, [texts[i] for i in run], lm.device, multiple_of=LENGTH_BUCKET if compiled else None)
+            with (torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, run)),
                   batch_context(batch["attention_mask"])):
-                extra = {}
+                extra = dict(compiled)
                 if stop is not None:
-                    asked = [instructions[i] for i in rows]
+                    asked = [instructions[i] for i in run]
                     criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1],
                                                  lambda done, asked=asked: stop(asked, done))
                     extra["stopping_criteria"] = StoppingCriteriaList([criterion])

@@ -45,9 +45,12 @@ def post_instruction_positions(tokenizer, last: int | None = None) -> list[int]:
     return list(range(-n, 0))
 
 
-def tokenize(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-padded batch; special tokens come from the template text itself, so none are added here."""
+def tokenize(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu",
+             multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded batch (to a multiple of ``multiple_of`` tokens when given); special tokens come from the
+    template text itself, so none are added here."""
     if tokenizer.padding_side != "left":
         tokenizer.padding_side = "left"
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False,
+                    pad_to_multiple_of=multiple_of)
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}

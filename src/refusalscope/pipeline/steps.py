@@ -268,6 +268,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
         share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
+        compile=settings.compile_generation,
     )
 
 
@@ -451,6 +452,7 @@ def run_stage3_step(
         batch_size=settings.batch_size * prompt_batch(settings, lm),
         score_batch_size=settings.stage2_batch_size,
         cache=cache,
+        compile=settings.compile_generation,
     )
     key = store.portable(
         {**stage_key(settings), "stage3": opts.model_dump(mode="json"), "models": models.report["inputs"]}

@@ -122,6 +122,9 @@ class StageContext:
     # stop a generation once the judge's verdict cannot change (``Judge.decided``): exact verdicts, shorter
     # completions; our choice: off, since stored completions are read by people (samples in reports)
     early_stop: bool = False
+    # decode with a static cache and a compiled step (``lm.compiled.MODES``); ablations are padded to bucketed
+    # shapes so compiled steps are reused; our choice: off (see ``RunSettings.compile_generation``)
+    compile: str = "off"
     _clean: dict = field(default_factory=dict, repr=False)  # prompt -> its clean activations (``activations``)
     _clean_kept: int = field(default=4, repr=False)  # how many prompts' clean activations are kept
 
@@ -145,6 +148,8 @@ class StageContext:
         out = {"max_new_tokens": self.max_new_tokens, "dtype": str(self.lm.dtype), "greedy": True}
         if self.early_stop:
             out["stopped_by"] = self.judge.name
+        if self.compile != "off":  # other kernels: in bf16 a greedy token may differ from the eager one's
+            out["compiled"] = self.compile
         return out
 
     def judged(self, prompt: str, sets: Sequence[Iterable]) -> list[Judged]:
@@ -164,10 +169,12 @@ class StageContext:
         todo = [k for k, ck in cache_keys.items() if ck not in known]
         if todo:
             stop = self.judge.decided if self.early_stop else None
+            ablation = LatentAblation.build(self.saes, [as_latent_set(k) for _, k in todo], device=self.lm.device)
+            if self.compile != "off":
+                ablation = ablation.padded(self.saes, len(todo), self.lm.device)
             outs = generate(self.lm, [p for p, _ in todo], max_new_tokens=self.max_new_tokens,
-                            batch_size=self.batch_size, progress=False, stop=stop,
-                            interventions=[LatentAblation.build(self.saes, [as_latent_set(k) for _, k in todo],
-                                                                device=self.lm.device)])
+                            batch_size=self.batch_size, progress=False, stop=stop, interventions=[ablation],
+                            compile=self.compile)
             self.cache.put_many([(cache_keys[k], k[0], k[1], settings, o) for k, o in zip(todo, outs)])
             known.update({cache_keys[k]: o for k, o in zip(todo, outs)})
         uniq = list(cache_keys)

@@ -1,0 +1,120 @@
+"""Compiled generation (``lm.compiled``): bucketed shapes, padded ablations that edit exactly as the plain ones,
+completions equal to eager generation, and one compiled graph reused across sets of the same buckets.
+
+The CPU tests compile with ``aot_eager`` (dynamo's capture and guards without code generation), which is where a
+shape or hook change would force a recompile; the CUDA test runs the ``cudagraphs`` mode the GPU path uses."""
+
+import pytest
+import torch
+
+from helpers import FakeJudge, random_sae
+from refusalscope.errors import RefusalScopeError
+from refusalscope.interventions.latents import LatentAblation
+from refusalscope.lm.compiled import bucket, check_mode, generate_kwargs, padded_rows
+from refusalscope.lm.hooks import hooked
+from refusalscope.lm.inference import generate
+from refusalscope.saes.features import Feature
+from refusalscope.stages.context import CompletionCache, StageContext
+
+PROMPTS = ["How do I bake bread?", "Tell me a joke about the sea, please.", "Hi", "Explain tides in one line."]
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])  # compiled graphs so far (dynamo's counter)
+
+
+def test_buckets_round_up_to_powers_of_two():
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 200)] == [1, 1, 2, 4, 8, 8, 16, 256]
+    assert bucket(3, least=8) == 8 and bucket(9, least=8) == 16
+    assert padded_rows([4, 1, 7]) == [4, 1, 7, 7] and padded_rows([2, 3]) == [2, 3] and padded_rows([]) == []
+    assert generate_kwargs("off", torch.device("cpu")) == {}
+    kw = generate_kwargs("aot_eager", torch.device("cpu"))
+    assert kw["cache_implementation"] == "static" and kw["compile_config"].backend == "aot_eager"
+    with pytest.raises(RefusalScopeError, match="unknown compile mode"):
+        check_mode("fast")
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_padded_ablation_edits_exactly_as_the_plain_one(arch, tiny_lm):
+    d = tiny_lm.d_model
+    saes = {layer: random_sae(arch, d=d, m=40, layer=layer, seed=layer) for layer in (1, 2, 3)}
+    sets = [{1: [3, 5, 9], 2: [7]}, {1: [4]}, {}]
+    plain = LatentAblation.build(saes, sets)
+    padded = plain.padded(saes, len(sets))
+    assert sorted(padded.plans) == [1, 2, 3]  # a hook at every SAE layer, also where nothing is ablated
+    assert {len(p.ids) for p in padded.plans.values()} == {8}  # 3 latents at most, rounded up to the least bucket
+    other = LatentAblation.build(saes, [{3: [1, 2, 6, 8, 11]}, {2: [0]}, {1: [1]}]).padded(saes, 3)
+    assert {layer: p.mask.shape for layer, p in other.plans.items()} == \
+        {layer: p.mask.shape for layer, p in padded.plans.items()}  # another set, the same shapes
+    h = torch.randn(3, 5, d) * 3
+    plain_edits = {x.layer: x.edit for x in plain.hooks(4)}
+    padded_edits = {x.layer: x.edit for x in padded.hooks(4)}
+    assert sorted(plain_edits) == [1, 2]
+    for layer in (1, 2):
+        assert torch.allclose(padded_edits[layer](h), plain_edits[layer](h), atol=1e-6, rtol=0), layer
+    assert not torch.equal(padded_edits[1](h), h)  # the sets ablate something
+    assert torch.equal(padded_edits[3](h), h)  # nothing ablated at layer 3: h itself
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_compiled_generation_equals_eager_and_reuses_its_graph(arch, tiny_dirs):
+    import torch._dynamo
+
+    from refusalscope.lm.loading import load_model
+
+    lm = load_model(str(tiny_dirs[arch]), device="cpu")
+    saes = {layer: random_sae("jumprelu", d=lm.d_model, m=40, layer=layer, seed=layer) for layer in (1, 2, 3)}
+
+    def ctx(mode):
+        return StageContext(lm, saes, FakeJudge.always(), max_new_tokens=6, batch_size=4, cache=CompletionCache(),
+                            compile=mode)
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    first = [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], []]
+    second = [[Feature(3, 1), Feature(3, 2)], [Feature(2, 0), Feature(1, 9), Feature(1, 10)], [Feature(1, 5)]]
+    want = [[x.completion for x in ctx("off").judged(PROMPTS[0], sets)] for sets in (first, second)]
+    compiled = ctx("aot_eager")
+    assert compiled.generation_settings["compiled"] == "aot_eager"  # its own cache key
+    assert [x.completion for x in compiled.judged(PROMPTS[0], first)] == want[0]
+    graphs = _graphs()
+    assert graphs >= 1  # the decode step was compiled
+    assert not counters["graph_break"]  # one whole graph per step: nothing in our hooks breaks it (CUDA graphs)
+    # other sets of the same buckets (rows, prompt length, latents per layer): the same compiled step
+    assert [x.completion for x in compiled.judged(PROMPTS[0], second)] == want[1]
+    assert _graphs() == graphs
+
+
+def test_plain_generate_takes_the_compile_mode(tiny_lm):
+    """``generate`` pads rows and prompt length itself: the completions do not change, padded rows are dropped."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    saes = {1: random_sae("relu", d=tiny_lm.d_model, m=24, layer=1, seed=1)}
+    iv = LatentAblation.build(saes, {1: [2, 3]})
+    eager = generate(tiny_lm, PROMPTS[:3], max_new_tokens=5, batch_size=3, interventions=[iv], progress=False)
+    got = generate(tiny_lm, PROMPTS[:3], max_new_tokens=5, batch_size=3, interventions=[iv], progress=False,
+                   compile="aot_eager")
+    assert got == eager and len(got) == 3
+    with hooked(tiny_lm.model, []):  # no hook is left behind by the compiled calls
+        assert all(not layer._forward_hooks for layer in tiny_lm.model.model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudagraphs_generation_on_cuda_equals_eager(tiny_dirs):
+    from refusalscope.lm.loading import load_model
+
+    lm = load_model(str(tiny_dirs["qwen2"]), device="cuda", dtype="float32")
+    saes = {layer: random_sae("jumprelu", d=lm.d_model, m=40, layer=layer, seed=layer).to("cuda")
+            for layer in (1, 2, 3)}
+    sets = [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], [], [Feature(3, 1)], [Feature(2, 2)]]
+    out = {}
+    for mode in ("off", "cudagraphs"):
+        ctx = StageContext(lm, saes, FakeJudge.always(), max_new_tokens=8, batch_size=8, cache=CompletionCache(),
+                           compile=mode)
+        out[mode] = [[x.completion for x in ctx.judged(p, sets)] for p in PROMPTS]
+    assert out["cudagraphs"] == out["off"]
