@@ -256,6 +256,8 @@ class InteractionSettings(_RunOptions, Stage3Options):
     """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
 
     prompt_batch: int | None = RunSettings.model_fields["prompt_batch"]
+    compile_generation: Literal["off", "cudagraphs", "inductor", "aot_eager"] = \
+        RunSettings.model_fields["compile_generation"]
 
     ray: str | None = RayOptions.model_fields["ray"]
     ray_workers: int | None = RayOptions.model_fields["ray_workers"]

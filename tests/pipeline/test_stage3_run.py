@@ -110,3 +110,22 @@ def test_interactions_on_a_run_without_stage2_fails_in_one_line(tmp_path, capsys
     assert main(["interactions", "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no finished 'refusalscope run'" in err
+
+
+def test_stage3_generates_with_the_runs_generation_options(stage12_run):
+    """Stage 3 in one process builds its context as a Ray worker does (``steps.stage_context``): a run made with
+    --early-stop stops Stage 3's generations too, so both give the same completions."""
+    import sqlite3
+
+    settings, tmp_path = stage12_run
+    cfg = json.loads((settings.out / "config.run.json").read_text())
+    cfg["early_stop"] = True
+    (settings.out / "config.run.json").write_text(json.dumps(cfg))
+    db = settings.out / "completions.sqlite"
+    before = {k for (k,) in sqlite3.connect(db).execute("SELECT key FROM completions")}
+    assert _interactions(settings, tmp_path) == 0
+    if not list((settings.out / "stage3" / "prompts").glob("*.json")):
+        pytest.skip("Stage 1 jailbroke no prompt of this random model, so Stage 3 has nothing to run on")
+    rows = sqlite3.connect(db).execute("SELECT key, settings FROM completions").fetchall()
+    new = [json.loads(s) for k, s in rows if k not in before]
+    assert new and all(s.get("stopped_by") for s in new)

@@ -119,7 +119,7 @@ def run_interactions(settings: InteractionSettings, progress: bool = True) -> di
     cfg["out"] = str(store.root)
     cfg["stages"] = sorted({*cfg.get("stages", ["1", "2"]), "3"})
     cfg["stage3"] = settings.model_dump(include=set(Stage3Options.model_fields))
-    for key in ("device", "dtype", "batch_size", "prompt_batch"):
+    for key in ("device", "dtype", "batch_size", "prompt_batch", "compile_generation"):
         if key in settings.model_fields_set:
             cfg[key] = getattr(settings, key)
     cfg["ray"], cfg["ray_workers"] = settings.ray, settings.ray_workers  # Ray only when this command asks for it

@@ -254,9 +254,9 @@ def groups(items: Sequence, size: int) -> list[list]:
 
 
 def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settings: RunSettings,
-                  store: RunStore) -> StageContext:
-    """The stages' ``StageContext``, with the run's completion cache (completions.sqlite); a group of prompts
-    generates in batches of ``batch_size`` rows per prompt."""
+                  store: RunStore, cache: CompletionCache | None = None) -> StageContext:
+    """The stages' ``StageContext`` (Stages 1-3, here and on Ray workers alike), with the run's completion cache
+    (completions.sqlite, or ``cache``); a group of prompts generates in batches of ``batch_size`` rows per prompt."""
     return StageContext(
         lm,
         saes,
@@ -264,7 +264,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size * prompt_batch(settings, lm),
         score_batch_size=settings.stage2_batch_size,
-        cache=CompletionCache(store.path("completions.sqlite")),
+        cache=cache if cache is not None else CompletionCache(store.path("completions.sqlite")),
         skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
         share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
@@ -444,16 +444,7 @@ def run_stage3_step(
         compute_chunks=(lambda chunks: run_items(chunks, ChunkWorker(settings, layers), desc="stage 3 activations",
                                                  unit="chunk", **shard)) if settings.ray else None,
     )
-    ctx = StageContext(
-        lm,
-        {**fm_saes, **stage_saes},
-        judge,
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size * prompt_batch(settings, lm),
-        score_batch_size=settings.stage2_batch_size,
-        cache=cache,
-        compile=settings.compile_generation,
-    )
+    ctx = stage_context(lm, {**fm_saes, **stage_saes}, judge, settings, store, cache)  # as a Ray worker's
     key = store.portable(
         {**stage_key(settings), "stage3": opts.model_dump(mode="json"), "models": models.report["inputs"]}
     )
