@@ -7,8 +7,8 @@
 #   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
 #   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
-#   compile (~6 min): the compiled-generation CUDA test, then 3 Gemma-2-2B/65k prompts with eager generation and
-#   with --compile-generation cudagraphs (compile time lands in the first prompt; the later ones are warm)
+#   compile (~7 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with eager generation
+#   (2) and with --compile-generation cudagraphs (3: compile time lands in the first prompt, the later are warm)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -45,11 +45,14 @@ if [ "${1:-all}" = compile ]; then
         echo "== CUDA test: compiled generation (cudagraphs) gives the eager completions"
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
         cd benchmarks || exit 1
-        for m in off cudagraphs; do
-            echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation $m"
-            timeout "${COMPILE_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-                --prompts 3 --reference-prompts 0 --compile-generation "$m" --json "$OUT/gemma65k_compile_$m.json"
-        done
+        # eager: 2 prompts (~20 s each plus setup); compiled: 3, since the first one pays every shape's compile
+        echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
+        timeout "${EAGER_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
+        echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation cudagraphs"
+        timeout "${COMPILE_S:-300}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts 3 --reference-prompts 0 --compile-generation cudagraphs \
+            --json "$OUT/gemma65k_compile_cudagraphs.json"
         date -u
     } 2>&1 | tee "$log"
     exit

@@ -325,6 +325,8 @@ def main(argv=None) -> dict:
                 res = ctx.lockstep(flows)
             times[stage].extend([m.seconds / len(group)] * len(group))
             peaks[stage] = max(peaks[stage], m.peak_mb)
+            # a line per stage: a run stopped by a time limit (a slow first compile) still shows where it was
+            print(f"  {stage}: {m.seconds:.2f} s for the group", flush=True)
             return res
 
         for r1 in timed("stage1", [stage1_flow(p, ranked, step=args.k_step, cap=args.k_cap, chunk=args.k_chunk)
