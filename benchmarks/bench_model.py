@@ -1,7 +1,7 @@
 """Time model load (cold and cached), batched last-token forward and greedy generation on a model.
 
     python benchmarks/bench_model.py [--model qwen2.5-coder-0.5b-instruct] [--cold] [--data-dir ../shared/data]
-        [--compile-generation cudagraphs|inductor|aot_eager]
+        [--compile-generation inductor|aot_eager]
 
 ``--cold`` also times the first-ever load (PyPI download + GGUF conversion) into a throwaway cache directory.
 ``--compile-generation`` also times the same generation compiled (``lm.compiled``): a first call (compiles) and a
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--n-forward", type=int, default=32)
     ap.add_argument("--n-generate", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--compile-generation", default="off", choices=["off", "cudagraphs", "inductor", "aot_eager"])
+    ap.add_argument("--compile-generation", default="off", choices=["off", "inductor", "aot_eager"])
     args = ap.parse_args()
 
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -8,7 +8,7 @@
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
 #   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
 #   compile (~7 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with eager generation
-#   (2) and with --compile-generation cudagraphs (3: compile time lands in the first prompt, the later are warm)
+#   (2) and with --compile-generation inductor (3: compile time lands in the first prompt, the later are warm)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -42,17 +42,17 @@ if [ "${1:-all}" = compile ]; then
     {
         date -u
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-        echo "== CUDA test: compiled generation (cudagraphs) gives the eager completions"
-        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+        echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
+        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
         cd benchmarks || exit 1
         # eager: 2 prompts (~20 s each plus setup); compiled: 3, since the first one pays every shape's compile
         echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
         timeout "${EAGER_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
             --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
-        echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation cudagraphs"
+        echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor"
         timeout "${COMPILE_S:-300}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts 3 --reference-prompts 0 --compile-generation cudagraphs \
-            --json "$OUT/gemma65k_compile_cudagraphs.json"
+            --prompts 3 --reference-prompts 0 --compile-generation inductor \
+            --json "$OUT/gemma65k_compile_inductor.json"
         date -u
     } 2>&1 | tee "$log"
     exit

@@ -225,9 +225,9 @@ class RunSettings(ModelOptions):
     early_stop: bool = Field(False, description="stop each generation once the judge's verdict can no longer change "
                              "(a refusal phrase appeared): same verdicts, shorter stored completions")
     # our choice: off until a GPU shows it pays (a CPU decode step is bound by its matmuls: no gain, RESULTS.md)
-    compile_generation: Literal["off", "cudagraphs", "inductor", "aot_eager"] = Field(
-        "off", description="decode with a static key/value cache and a compiled step (GPU): cudagraphs (CUDA graphs, "
-        "seconds per shape) or inductor (fused kernels, minutes per shape); shapes are bucketed so they are reused")
+    compile_generation: Literal["off", "inductor", "aot_eager"] = Field(  # lm.compiled.MODES
+        "off", description="decode with a static key/value cache and a compiled step replayed as CUDA graphs "
+        "(inductor, on a GPU; aot_eager: capture only, for tests); shapes are bucketed so compiled steps are reused")
     sae_placement: Literal["auto", "device", "host"] = Field(
         "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "
@@ -256,7 +256,7 @@ class InteractionSettings(_RunOptions, Stage3Options):
     """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
 
     prompt_batch: int | None = RunSettings.model_fields["prompt_batch"]
-    compile_generation: Literal["off", "cudagraphs", "inductor", "aot_eager"] = \
+    compile_generation: Literal["off", "inductor", "aot_eager"] = \
         RunSettings.model_fields["compile_generation"]
 
     ray: str | None = RayOptions.model_fields["ray"]

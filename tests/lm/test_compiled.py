@@ -2,7 +2,11 @@
 completions equal to eager generation, and one compiled graph reused across sets of the same buckets.
 
 The CPU tests compile with ``aot_eager`` (dynamo's capture and guards without code generation), which is where a
-shape or hook change would force a recompile; the CUDA test runs the ``cudagraphs`` mode the GPU path uses."""
+shape or hook change would force a recompile, and a probe backend to check that the compiled step reads its static
+inputs (weights, cache, the hooks' tensors) at the same addresses on every call, which CUDA graphs need; the CUDA
+test runs the ``inductor`` mode the GPU path uses."""
+
+from typing import get_args
 
 import pytest
 import torch
@@ -10,7 +14,8 @@ import torch
 from helpers import FakeJudge, random_sae
 from refusalscope.errors import RefusalScopeError
 from refusalscope.interventions.latents import LatentAblation
-from refusalscope.lm.compiled import bucket, check_mode, generate_kwargs, padded_rows
+from refusalscope.config import RunSettings
+from refusalscope.lm.compiled import MODES, bucket, check_mode, generate_kwargs, padded_rows, persistent
 from refusalscope.lm.hooks import hooked
 from refusalscope.lm.inference import generate
 from refusalscope.saes.features import Feature
@@ -29,15 +34,26 @@ def test_buckets_round_up_to_powers_of_two():
     assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9, 200)] == [1, 1, 2, 4, 8, 8, 16, 256]
     assert bucket(3, least=8) == 8 and bucket(9, least=8) == 16
     assert padded_rows([4, 1, 7]) == [4, 1, 7, 7] and padded_rows([2, 3]) == [2, 3] and padded_rows([]) == []
+    assert len(padded_rows(list(range(48)), cap=48)) == 48  # never more rows than the batch size allows
+    assert len(padded_rows(list(range(20)), cap=48)) == 32 and len(padded_rows([1, 2, 3], cap=3)) == 3
     assert generate_kwargs("off", torch.device("cpu")) == {}
-    kw = generate_kwargs("aot_eager", torch.device("cpu"))
-    assert kw["cache_implementation"] == "static" and kw["compile_config"].backend == "aot_eager"
+    assert generate_kwargs("aot_eager", torch.device("cpu"))["compile_config"].backend == "aot_eager"
+    assert generate_kwargs("inductor", torch.device("cpu"))["compile_config"].mode == "reduce-overhead"
     with pytest.raises(RefusalScopeError, match="unknown compile mode"):
-        check_mode("fast")
+        check_mode("cudagraphs")  # the plain backend would copy every weight on every replay
+    assert get_args(RunSettings.model_fields["compile_generation"].annotation) == MODES  # the option's choices
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
-def test_padded_ablation_edits_exactly_as_the_plain_one(arch, tiny_lm):
+def test_persistent_buffers_keep_their_address():
+    a = persistent(("test", 1), torch.arange(4.0))
+    b = persistent(("test", 1), torch.arange(4.0) * 2)
+    assert a.data_ptr() == b.data_ptr() and b.tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert persistent(("test", 2), torch.zeros(4)).data_ptr() != a.data_ptr()  # another key, another buffer
+    assert persistent(("test", 1), torch.zeros(5)).shape == (5,)  # another shape, another buffer
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk"])
+def test_padded_ablation_edits_as_the_plain_one_up_to_rounding(arch, tiny_lm):
     d = tiny_lm.d_model
     saes = {layer: random_sae(arch, d=d, m=40, layer=layer, seed=layer) for layer in (1, 2, 3)}
     sets = [{1: [3, 5, 9], 2: [7]}, {1: [4]}, {}]
@@ -56,6 +72,14 @@ def test_padded_ablation_edits_exactly_as_the_plain_one(arch, tiny_lm):
         assert torch.allclose(padded_edits[layer](h), plain_edits[layer](h), atol=1e-6, rtol=0), layer
     assert not torch.equal(padded_edits[1](h), h)  # the sets ablate something
     assert torch.equal(padded_edits[3](h), h)  # nothing ablated at layer 3: h itself
+    # the hooks of both padded ablations read the same buffers (other values): fixed addresses for CUDA graphs
+    mine, theirs = padded.hook_plans(), other.hook_plans()
+    for layer in (1, 2, 3):
+        assert mine[layer].mask.data_ptr() == theirs[layer].mask.data_ptr()
+        if mine[layer].sub is not None:
+            assert mine[layer].sub.W_enc.data_ptr() == theirs[layer].sub.W_enc.data_ptr()
+    assert not torch.equal(padded.plans[3].mask, other.plans[3].mask)
+    assert torch.equal(theirs[3].mask, other.plans[3].mask)  # the buffers hold the last pinned values
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
@@ -104,8 +128,58 @@ def test_plain_generate_takes_the_compile_mode(tiny_lm):
         assert all(not layer._forward_hooks for layer in tiny_lm.model.model.layers)
 
 
+def _address_probe(seen: list):
+    """A torch.compile backend that runs the graph as it is and records, on every call, the addresses of the
+    inputs the graph treats as static (as CUDA graphs would: a changed address forces a new recording)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._guards import TracingContext
+
+    def compiler(gm, example_inputs):
+        static = list(TracingContext.get().fw_metadata.static_input_indices)
+        inner = make_boxed_func(gm.forward)
+
+        def run(args):
+            seen.append((id(gm), [args[i].data_ptr() for i in static if isinstance(args[i], torch.Tensor)]))
+            return inner(args)
+
+        run._boxed_call = True
+        return run
+
+    return aot_autograd(fw_compiler=compiler, inference_compiler=compiler)
+
+
+def test_compiled_steps_read_their_static_inputs_at_fixed_addresses(tiny_lm, monkeypatch):
+    """Across calls with other sets in the same buckets, every replay of a compiled decode step finds its static
+    inputs (the model's weights, the key/value cache, the ablation hooks' SAE columns and masks) where the first
+    one did: what lets a CUDA graph replay instead of re-recording (transformers alone makes a new cache per
+    call, and every set new hook tensors)."""
+    import torch._dynamo
+    from torch._dynamo.backends.registry import register_backend
+
+    import refusalscope.lm.compiled as compiled
+
+    seen: list = []
+    register_backend(name="refusalscope_address_probe")(_address_probe(seen))
+    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, "refusalscope_address_probe"))
+    torch._dynamo.reset()
+    saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=40, layer=layer, seed=layer) for layer in (1, 2, 3)}
+    ctx = StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=5, batch_size=4, cache=CompletionCache(),
+                       compile="refusalscope_address_probe")
+    ctx.judged(PROMPTS[0], [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], []])
+    ctx.judged(PROMPTS[0], [[Feature(3, 1)], [Feature(2, 0), Feature(1, 9)], [Feature(1, 5), Feature(1, 6)]])
+    ctx.judged(PROMPTS[0], [[Feature(2, 2)]] * 1 + [[Feature(3, 3)], [Feature(3, 4)]])
+    by_graph: dict = {}
+    for graph, ptrs in seen:
+        by_graph.setdefault(graph, []).append(ptrs)
+    assert seen and len(by_graph) <= 2  # a static then at most one dynamic-shape graph
+    for calls in by_graph.values():
+        assert calls[0] and all(ptrs == calls[0] for ptrs in calls), "a static input moved between replays"
+    assert sum(len(c) for c in by_graph.values()) >= 3 * 4  # every call's decode steps ran through the probe
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cudagraphs_generation_on_cuda_equals_eager(tiny_dirs):
+def test_inductor_generation_on_cuda_equals_eager(tiny_dirs):
     from refusalscope.lm.loading import load_model
 
     lm = load_model(str(tiny_dirs["qwen2"]), device="cuda", dtype="float32")
@@ -113,8 +187,8 @@ def test_cudagraphs_generation_on_cuda_equals_eager(tiny_dirs):
             for layer in (1, 2, 3)}
     sets = [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], [], [Feature(3, 1)], [Feature(2, 2)]]
     out = {}
-    for mode in ("off", "cudagraphs"):
+    for mode in ("off", "inductor"):
         ctx = StageContext(lm, saes, FakeJudge.always(), max_new_tokens=8, batch_size=8, cache=CompletionCache(),
                            compile=mode)
         out[mode] = [[x.completion for x in ctx.judged(p, sets)] for p in PROMPTS]
-    assert out["cudagraphs"] == out["off"]
+    assert out["inductor"] == out["off"]

@@ -122,7 +122,7 @@ def unablated_completions(ctx, instructions: Sequence[str], *, progress: bool = 
     todo = [i for i, k in enumerate(keys) if k not in known]
     if todo:
         outs = generate(ctx.lm, [instructions[i] for i in todo], max_new_tokens=ctx.max_new_tokens,
-                        batch_size=ctx.batch_size, desc="completions", progress=progress)
+                        batch_size=ctx.batch_size, desc="completions", progress=progress, compile=ctx.compile)
         ctx.cache.put_many([(keys[i], instructions[i], (), settings, o) for i, o in zip(todo, outs)])
         known.update({keys[i]: o for i, o in zip(todo, outs)})
     return [known[k] for k in keys]

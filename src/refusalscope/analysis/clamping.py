@@ -253,7 +253,7 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
                 spec_rows.append((0.0 if mode == "none" else value, offsets))
             outs = generate(ctx.lm, [rows[i][2] for i in chunk], max_new_tokens=ctx.max_new_tokens,
                             batch_size=len(chunk), interventions=clamp_interventions(ctx.saes, spec_rows),
-                            progress=False)
+                            progress=False, compile=ctx.compile)  # the mode its cache key names
             ctx.cache.put_many([(keys[i], rows[i][2], row_sets[i], row_settings[i], o) for i, o in zip(chunk, outs)])
             known.update({keys[i]: o for i, o in zip(chunk, outs)})
             bar.update(len(chunk))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.lm.compiled import bucket
+from refusalscope.lm.compiled import bucket, persistent
 from refusalscope.lm.hooks import Hook, current_attention_mask
 from refusalscope.interventions.base import Intervention
 from refusalscope.saes.sae import Sae
@@ -248,6 +248,10 @@ class LatentAblation(Intervention):
     # when given: per layer, one (B, u) bool tensor per forward, "the row's ablated latent fired (z > 0) at some
     # edited position" (Stage 2 skips chain steps whose block never fired)
     fired: dict[int, list[torch.Tensor]] | None = None
+    # hooks read the plans' tensors from the process's persistent buffers (``lm.compiled.persistent``), set by
+    # ``padded``: a compiled decode step then reads them at the same addresses on every call (so one pinned
+    # ablation per forward: building another's hooks refills the same buffers)
+    pinned: bool = False
 
     @classmethod
     def build(cls, saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet], *, positions=None,
@@ -268,8 +272,10 @@ class LatentAblation(Intervention):
     def padded(self, saes: Mapping[int, Sae], rows: int, device: torch.device | None = None) -> "LatentAblation":
         """The same ablation with shapes that depend on a bucket only, for compiled generation (``lm.compiled``):
         a plan at every layer of ``saes`` and every plan's latents padded to one power-of-two count U ≥ 8, the
-        padding masked out of every row. Same h' (masked columns add exact zeros; a layer with nothing to ablate
-        returns h), while the compiled decode step sees the same hooks and tensor shapes for many sets.
+        padding masked out of every row, and the hooks' tensors pinned (``pinned``). The same h' up to float32
+        rounding (the wider matmuls may sum in another order; masked columns add zeros, and a layer with nothing
+        to ablate gives h back unless h holds inf/NaN), while the compiled decode step sees the same hooks, shapes
+        and addresses for many sets. Not for Stage 2's ``fired`` flags, which index the unpadded plans.
 
         ``rows``: the rows of a per-row ablation (needed when no row ablates anything)."""
         widths = [len(p.ids) for p in self.plans.values()]
@@ -286,7 +292,23 @@ class LatentAblation(Intervention):
             if plan is not None:
                 mask[:, :len(ids)] = 1.0 if plan.mask is None else plan.mask
             plans[layer] = LayerPlan(sae, full, mask, _restrict(sae, full, dev))
-        return replace(self, plans=plans, per_row=True)
+        return replace(self, plans=plans, per_row=True, pinned=True)
+
+    def hook_plans(self) -> dict[int, LayerPlan]:
+        """The plans the hooks read: ``plans``, or with ``pinned`` their tensors copied into persistent buffers."""
+        if not self.pinned:
+            return self.plans
+        out = {}
+        for layer, plan in self.plans.items():
+            key = ("latent_ablation", layer)
+            sub = plan.sub
+            if sub is not None:
+                sub = replace(sub, **{name: persistent((*key, name), getattr(sub, name))
+                                      for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+                                      if getattr(sub, name) is not None})
+            out[layer] = replace(plan, ids=persistent((*key, "ids"), plan.ids), sub=sub,
+                                 mask=None if plan.mask is None else persistent((*key, "mask"), plan.mask))
+        return out
 
     def hooks(self, n_layers: int) -> list[Hook]:
         def make(plan: LayerPlan, layer: int):
@@ -304,7 +326,7 @@ class LatentAblation(Intervention):
                 return _scatter(h, pos, new)
             return edit
 
-        return [Hook("resid_post", layer, make(plan, layer)) for layer, plan in sorted(self.plans.items())]
+        return [Hook("resid_post", layer, make(plan, layer)) for layer, plan in sorted(self.hook_plans().items())]
 
 
 @dataclass(frozen=True)

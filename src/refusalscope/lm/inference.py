@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from refusalscope.interventions import Intervention, hooks_for
-from refusalscope.lm.compiled import LENGTH_BUCKET, generate_kwargs, padded_rows
+from refusalscope.lm.compiled import LENGTH_BUCKET, generate_kwargs, padded_rows, static_cache
 from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat, tokenize
@@ -107,9 +107,10 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
     row's instruction and text so far; a row it marks ends there (its completion is that text), and a batch ends
     once every row has.
 
-    ``compile`` (``lm.compiled.MODES``): decode with a static cache and a compiled step; batches are padded to a
-    power-of-two row count and a multiple of ``LENGTH_BUCKET`` tokens so compiled shapes are reused (interventions
-    should be shape-stable too: ``LatentAblation.padded``).
+    ``compile`` (``lm.compiled.MODES``): decode with a static cache (``lm.compiled.static_cache``) and a compiled
+    step; batches are padded to a power-of-two row count (at most ``batch_size``) and a multiple of
+    ``LENGTH_BUCKET`` tokens so compiled shapes are reused (interventions should be shape-stable too:
+    ``LatentAblation.padded``).
     """
     compiled = generate_kwargs(compile, lm.device)
     texts = format_chat(lm.tokenizer, instructions)
@@ -119,11 +120,14 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
     eos_ids = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
     with _progress(len(texts), desc, progress) as bar:
         for rows in length_sorted_batches(texts, tok, batch_size):
-            run = padded_rows(rows) if compiled else rows
+            run = padded_rows(rows, batch_size) if compiled else rows
             batch = tokenize(tok, [texts[i] for i in run], lm.device, multiple_of=LENGTH_BUCKET if compiled else None)
             with (torch.inference_mode(), hooked(lm.model, hooks_for(interventions, lm.n_layers, run)),
                   batch_context(batch["attention_mask"])):
                 extra = dict(compiled)
+                if compiled:
+                    extra["past_key_values"] = static_cache(lm.model, len(run),
+                                                            batch["input_ids"].shape[1] + max_new_tokens)
                 if stop is not None:
                     asked = [instructions[i] for i in run]
                     criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1],
