@@ -6,6 +6,7 @@ shape or hook change would force a recompile, and a probe backend to check that 
 inputs (weights, cache, the hooks' tensors) at the same addresses on every call, which CUDA graphs need; the CUDA
 test runs the ``inductor`` mode the GPU path uses."""
 
+import shutil
 from typing import get_args
 
 import pytest
@@ -176,6 +177,21 @@ def test_compiled_steps_read_their_static_inputs_at_fixed_addresses(tiny_lm, mon
     for calls in by_graph.values():
         assert calls[0] and all(ptrs == calls[0] for ptrs in calls), "a static input moved between replays"
     assert sum(len(c) for c in by_graph.values()) >= 3 * 4  # every call's decode steps ran through the probe
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="inductor on the CPU needs a C compiler")
+def test_inductor_compiles_the_ablation_hooks_and_keeps_the_completions(tiny_lm):
+    """The GPU mode's compiler (inductor) lowers the padded hooks, on the CPU: the same completions as eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=40, layer=layer, seed=layer) for layer in (1, 2)}
+    sets = [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], []]
+    out = {mode: [x.completion for x in StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=6,
+                                                        batch_size=4, cache=CompletionCache(),
+                                                        compile=mode).judged(PROMPTS[0], sets)]
+           for mode in ("off", "inductor")}
+    assert out["inductor"] == out["off"] and _graphs() >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

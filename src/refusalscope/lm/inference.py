@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from refusalscope.interventions import Intervention, hooks_for
-from refusalscope.lm.compiled import LENGTH_BUCKET, generate_kwargs, padded_rows, static_cache
+from refusalscope.lm.compiled import LENGTH_BUCKET, cache_argument, generate_kwargs, padded_rows, static_cache
 from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat, tokenize
@@ -126,8 +126,8 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
                   batch_context(batch["attention_mask"])):
                 extra = dict(compiled)
                 if compiled:
-                    extra["past_key_values"] = static_cache(lm.model, len(run),
-                                                            batch["input_ids"].shape[1] + max_new_tokens)
+                    extra[cache_argument(lm.model)] = static_cache(lm.model, len(run),
+                                                                   batch["input_ids"].shape[1] + max_new_tokens)
                 if stop is not None:
                     asked = [instructions[i] for i in run]
                     criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1],
