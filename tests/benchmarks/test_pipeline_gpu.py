@@ -3,6 +3,7 @@ sweep runs to its cap, and the reference ratios are there."""
 
 import json
 
+import pytest
 
 from helpers import load_benchmark
 
@@ -24,6 +25,11 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
         lo = (ref["reference_s"] - 5e-4) / (ref["fast_s"] + 5e-4)
         hi = (ref["reference_s"] + 5e-4) / max(ref["fast_s"] - 5e-4, 1e-9)
         assert ref["reference_s"] > 0 and lo * 0.99 - 0.005 <= ref["ratio"] <= hi * 1.01 + 0.005  # ratio: 2 decimals
+    total = out["reference"]["total"]
+    assert total["reference_s"] == pytest.approx(sum(out["reference"][s]["reference_s"] for s in
+                                                     ("stage1", "stage2", "controls", "stage3")), abs=5e-3)
+    assert total["ratio"] == pytest.approx(total["reference_s"] / total["fast_s"], rel=0.02, abs=0.01)
+    assert "warm_ratio" not in total  # both prompts ran in the first group: no warm prompt to compare
     assert out["direction_s_per_run"] > 0 and out["ranking_s_per_run"] >= 0
     # worst case, whatever the random model says: Stage 1 tries every K, Stage 2 covers the whole chain of all
     # three seeds (scored or exactly skipped), Stage 3 judges every K of the sweep, the probe's and Stage-3 only
@@ -46,8 +52,13 @@ def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeyp
 
     bench = load_benchmark(monkeypatch, "pipeline_gpu")
     torch._dynamo.reset()
-    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--reference-prompts", "0",
+    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--reference-prompts", "1",
                       "--compile-generation", "aot_eager"])
     graphs = out["detail"]["compiled_graphs"]
     assert out["compile_generation"] == "aot_eager" and len(graphs) == 2
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    # the first prompt pays the compiles; the ratio against the second one leaves them out
+    total = out["reference"]["total"]
+    warm = sum(out["per_prompt"][s]["seconds"][1] for s in ("stage1", "stage2", "controls", "stage3"))
+    assert total["warm_fast_s"] == pytest.approx(warm, abs=5e-3)
+    assert total["warm_ratio"] == pytest.approx(total["reference_s"] / total["warm_fast_s"], rel=0.02, abs=0.01)
