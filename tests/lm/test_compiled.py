@@ -7,6 +7,7 @@ inputs (weights, cache, the hooks' tensors) at the same addresses on every call,
 test runs the ``inductor`` mode the GPU path uses."""
 
 import shutil
+import uuid
 from typing import get_args
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from helpers import FakeJudge, random_sae
 from refusalscope.errors import RefusalScopeError
+from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import LatentAblation
 from refusalscope.config import RunSettings
 from refusalscope.lm.compiled import MODES, bucket, check_mode, generate_kwargs, padded_rows, persistent
@@ -81,6 +83,9 @@ def test_padded_ablation_edits_as_the_plain_one_up_to_rounding(arch, tiny_lm):
             assert mine[layer].sub.W_enc.data_ptr() == theirs[layer].sub.W_enc.data_ptr()
     assert not torch.equal(padded.plans[3].mask, other.plans[3].mask)
     assert torch.equal(theirs[3].mask, other.plans[3].mask)  # the buffers hold the last pinned values
+    with pytest.raises(ValueError, match="at most one pinned"):  # two would share those buffers in one forward
+        hooks_for([padded, other], 4)
+    assert len(hooks_for([padded, plain], 4)) == 5
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
@@ -130,8 +135,9 @@ def test_plain_generate_takes_the_compile_mode(tiny_lm):
 
 
 def _address_probe(seen: list):
-    """A torch.compile backend that runs the graph as it is and records, on every call, the addresses of the
-    inputs the graph treats as static (as CUDA graphs would: a changed address forces a new recording)."""
+    """A torch.compile backend that runs the graph as it is and records, on every call, its input shapes and the
+    addresses of the inputs it treats as static (CUDA graphs record per shape; a changed static address forces a
+    new recording)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._guards import TracingContext
@@ -141,7 +147,8 @@ def _address_probe(seen: list):
         inner = make_boxed_func(gm.forward)
 
         def run(args):
-            seen.append((id(gm), [args[i].data_ptr() for i in static if isinstance(args[i], torch.Tensor)]))
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            seen.append(((id(gm), shapes), [args[i].data_ptr() for i in static if isinstance(args[i], torch.Tensor)]))
             return inner(args)
 
         run._boxed_call = True
@@ -150,33 +157,48 @@ def _address_probe(seen: list):
     return aot_autograd(fw_compiler=compiler, inference_compiler=compiler)
 
 
-def test_compiled_steps_read_their_static_inputs_at_fixed_addresses(tiny_lm, monkeypatch):
-    """Across calls with other sets in the same buckets, every replay of a compiled decode step finds its static
-    inputs (the model's weights, the key/value cache, the ablation hooks' SAE columns and masks) where the first
-    one did: what lets a CUDA graph replay instead of re-recording (transformers alone makes a new cache per
-    call, and every set new hook tensors)."""
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_compiled_steps_read_their_static_inputs_at_fixed_addresses(arch, tiny_lm, monkeypatch):
+    """Every replay of a compiled decode step at one set of input shapes finds its static inputs (the model's
+    weights, the key/value cache, the ablation hooks' SAE columns, ids and masks) where the first one did, across
+    calls with other sets, after another row count and back, and after the cache grew: what lets a CUDA graph
+    replay instead of re-recording (transformers alone makes a new cache per call, and every set new hook
+    tensors)."""
     import torch._dynamo
     from torch._dynamo.backends.registry import register_backend
 
     import refusalscope.lm.compiled as compiled
 
     seen: list = []
-    register_backend(name="refusalscope_address_probe")(_address_probe(seen))
-    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, "refusalscope_address_probe"))
+    name = f"refusalscope_address_probe_{uuid.uuid4().hex}"  # a backend name can be registered once per process
+    register_backend(name=name)(_address_probe(seen))
+    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, name))
     torch._dynamo.reset()
-    saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=40, layer=layer, seed=layer) for layer in (1, 2, 3)}
+    saes = {layer: random_sae(arch, d=tiny_lm.d_model, m=40, layer=layer, seed=layer) for layer in (1, 2, 3)}
     ctx = StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=5, batch_size=4, cache=CompletionCache(),
-                       compile="refusalscope_address_probe")
-    ctx.judged(PROMPTS[0], [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], []])
-    ctx.judged(PROMPTS[0], [[Feature(3, 1)], [Feature(2, 0), Feature(1, 9)], [Feature(1, 5), Feature(1, 6)]])
-    ctx.judged(PROMPTS[0], [[Feature(2, 2)]] * 1 + [[Feature(3, 3)], [Feature(3, 4)]])
-    by_graph: dict = {}
-    for graph, ptrs in seen:
-        by_graph.setdefault(graph, []).append(ptrs)
-    assert seen and len(by_graph) <= 2  # a static then at most one dynamic-shape graph
-    for calls in by_graph.values():
-        assert calls[0] and all(ptrs == calls[0] for ptrs in calls), "a static input moved between replays"
-    assert sum(len(c) for c in by_graph.values()) >= 3 * 4  # every call's decode steps ran through the probe
+                       compile=name)
+    long_prompt = " ".join(["Explain in detail how tides work and why there are two of them a day."] * 4)
+    calls = [
+        (PROMPTS[0], [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], []]),
+        (PROMPTS[0], [[Feature(3, 1)], [Feature(2, 0), Feature(1, 9)], [Feature(1, 5), Feature(1, 6)]]),
+        (PROMPTS[0], [[Feature(2, 2)], [Feature(3, 3)]]),  # 2 rows: another bucket
+        (PROMPTS[0], [[Feature(2, 3)], [Feature(3, 5)], [Feature(1, 7)]]),  # back to 4 rows
+        (long_prompt, [[Feature(2, 4)], [Feature(3, 6)], [Feature(1, 8)]]),  # a longer cache
+        (PROMPTS[0], [[Feature(2, 5)], [Feature(3, 7)], [Feature(1, 10)]]),  # short again, in the longer cache
+        (PROMPTS[0], [[Feature(2, 6)], [Feature(3, 8)], [Feature(1, 11)]]),
+    ]
+    for prompt, sets in calls:
+        ctx.judged(prompt, sets)
+    by_shape: dict = {}
+    for key, ptrs in seen:
+        by_shape.setdefault(key, []).append(ptrs)
+    assert len(seen) >= len(calls) * 4  # every call's decode steps ran through the probe
+    # graphs × shapes: 4 rows, 2 rows, 4 rows in the longer cache; once dynamo has made a second graph with
+    # symbolic shapes, 4 rows again under it
+    assert 3 <= len(by_shape) <= 5
+    for replays in by_shape.values():
+        assert replays[0] and all(ptrs == replays[0] for ptrs in replays), "a static input moved between replays"
+    assert max(len(r) for r in by_shape.values()) >= 3 * 4  # the last three calls: one set of addresses
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="inductor on the CPU needs a C compiler")
@@ -202,9 +224,13 @@ def test_inductor_generation_on_cuda_equals_eager(tiny_dirs):
     saes = {layer: random_sae("jumprelu", d=lm.d_model, m=40, layer=layer, seed=layer).to("cuda")
             for layer in (1, 2, 3)}
     sets = [[Feature(1, 3), Feature(2, 7)], [Feature(1, 4)], [], [Feature(3, 1)], [Feature(2, 2)]]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     out = {}
     for mode in ("off", "inductor"):
         ctx = StageContext(lm, saes, FakeJudge.always(), max_new_tokens=8, batch_size=8, cache=CompletionCache(),
                            compile=mode)
         out[mode] = [[x.completion for x in ctx.judged(p, sets)] for p in PROMPTS]
     assert out["inductor"] == out["off"]
+    assert not counters["inductor"]["cudagraph_skips"]  # the decode steps really ran as CUDA graphs

@@ -231,7 +231,9 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
     # rows: (mode, value, prompt); mode "none" is the unclamped completion (shared with the stages' cache key)
     rows = [("none", math.nan, p) for p in benign]
     rows += [(m, float(v), p) for m in settings.modes for v in settings.values for p in benign]
-    gen = ctx.generation_settings
+    # eager even when the run compiles generation (its key says so): clamps act on prompt positions only, and
+    # every chunk's different set of clamp hooks would compile a new decode step for nothing
+    gen = {k: v for k, v in ctx.generation_settings.items() if k != "compiled"}
     row_sets, row_settings = [], []
     for mode, value, _ in rows:
         where = [[str(s.feature), s.anchor, s.offset] for s in sites.get(mode, [])]
@@ -253,7 +255,7 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
                 spec_rows.append((0.0 if mode == "none" else value, offsets))
             outs = generate(ctx.lm, [rows[i][2] for i in chunk], max_new_tokens=ctx.max_new_tokens,
                             batch_size=len(chunk), interventions=clamp_interventions(ctx.saes, spec_rows),
-                            progress=False, compile=ctx.compile)  # the mode its cache key names
+                            progress=False)
             ctx.cache.put_many([(keys[i], rows[i][2], row_sets[i], row_settings[i], o) for i, o in zip(chunk, outs)])
             known.update({keys[i]: o for i, o in zip(chunk, outs)})
             bar.update(len(chunk))

@@ -22,6 +22,10 @@ class Intervention:
 
 
 def hooks_for(interventions: Sequence[Intervention], n_layers: int, rows: Sequence[int] | None = None) -> list[Hook]:
+    if sum(bool(getattr(iv, "pinned", False)) for iv in interventions) > 1:
+        # pinned hooks read per-layer buffers of the process (``lm.compiled.persistent``): a second one would refill
+        # the first one's
+        raise ValueError("at most one pinned (compiled-generation) intervention per forward")
     out: list[Hook] = []
     for iv in interventions:
         if rows is not None and iv.per_row:
