@@ -165,3 +165,27 @@ def test_a_moved_run_holds_no_path_of_its_own_and_resumes_on_another_machine(set
 
     monkeypatch.setattr(steps, "process_prompts", lambda *a, **k: pytest.fail("recomputed a finished prompt"))
     assert pipeline.run_pipeline(s.model_copy(update={"out": moved}), progress=False) == summary
+
+
+def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_path, monkeypatch):
+    """`--compile-generation` (here aot_eager, the CPU stand-in of the GPU's inductor) reaches the stages'
+    generation and leaves every finished prompt's record as eager generation makes it."""
+    import shutil
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    pipeline.run_pipeline(setup, progress=False)
+    compiled = setup.model_copy(update={"out": tmp_path / "compiled", "compile_generation": "aot_eager"})
+    shutil.copytree(setup.out, compiled.out)  # the direction and SAEs are reused; the stages run again
+    shutil.rmtree(compiled.out / "prompts")
+    (compiled.out / "completions.sqlite").unlink()
+    torch._dynamo.reset()
+    counters.clear()
+    pipeline.run_pipeline(compiled, progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode steps were compiled
+    files = sorted((setup.out / "prompts").glob("*.json"))
+    assert len(files) == 3
+    for f in files:
+        eager, joint = (untimed(json.loads(p.read_text())) for p in (f, compiled.out / "prompts" / f.name))
+        assert diff_paths(joint, eager) == [], f.name
