@@ -4,6 +4,8 @@
     python benchmarks/bench_prompt_batch.py --run runs/default --n 4 --groups 1,4
     # and once more with generations stopped when the judge decides (--early-stop)
     python benchmarks/bench_prompt_batch.py --run runs/default --n 4 --groups 4 --early-stop
+    # and once more with compiled generation (--compile-generation inductor)
+    python benchmarks/bench_prompt_batch.py --run runs/default --n 4 --groups 4 --compile-generation inductor
 
 Each group size starts from an empty completion cache (nothing generated earlier is reused). Prints, per group
 size, seconds per prompt (wall time of all prompts / n) and whether every record equals the one-at-a-time record
@@ -35,6 +37,9 @@ def main() -> None:
     ap.add_argument("--early-stop", action="store_true", help="then the largest group once more with generations "
                     "stopped as soon as the judge decides (--early-stop): its time, and whether every verdict "
                     "equals the full-length run's (completions differ by design)")
+    ap.add_argument("--compile-generation", choices=["off", "inductor", "aot_eager"], default="off",
+                    help="then the largest group once more with compiled generation (refusalscope run "
+                    "--compile-generation): its time, compiling included, and whether every record is the same")
     ap.add_argument("--shared-rows", choices=["on", "off"], default="on", help="scoring sets share rows "
                     "(refusalscope run --shared-rows; off: one row per set, the code before it)")
     ap.add_argument("--json", default=None)
@@ -55,11 +60,11 @@ def main() -> None:
     reference = None
     sizes = [int(x) for x in args.groups.split(",")]
 
-    def run(g: int, early_stop: bool = False):
+    def run(g: int, early_stop: bool = False, compile: str = "off"):
         ctx = StageContext(base.lm, saes, base.judge, max_new_tokens=settings.max_new_tokens,
                            batch_size=settings.batch_size * g, score_batch_size=settings.stage2_batch_size,
                            cache=CompletionCache(), skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
-                           share_rows=args.shared_rows == "on", early_stop=early_stop)
+                           share_rows=args.shared_rows == "on", early_stop=early_stop, compile=compile)
         t0 = time.perf_counter()
         records = [rec for group in steps.groups(items, g) for rec in steps.process_prompts(ctx, group, ranked,
                                                                                               settings)]
@@ -78,6 +83,16 @@ def main() -> None:
                              "same_verdicts_as_first": same}
         print(f"group {sizes[-1]}, early stop: {seconds / len(items):.1f} s per prompt, same verdicts: {same}",
               flush=True)
+    if args.compile_generation != "off":
+        from torch._dynamo.utils import counters
+
+        got, seconds = run(sizes[-1], compile=args.compile_generation)
+        out["compiled"] = {"group": sizes[-1], "mode": args.compile_generation,
+                           "seconds_per_prompt": round(seconds / len(items), 1),
+                           "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+                           "same_records_as_first": got == reference}
+        print(f"group {sizes[-1]}, compiled ({args.compile_generation}): {seconds / len(items):.1f} s per prompt "
+              f"(compiling included), same records: {got == reference}", flush=True)
     print(json.dumps(out))
     if args.json:
         with open(args.json, "w") as f:
