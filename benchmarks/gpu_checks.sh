@@ -7,7 +7,7 @@
 #   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
 #   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
-#   compile (~7 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with eager generation
+#   compile (~9 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with eager generation
 #   (2) and with --compile-generation inductor (3: compile time lands in the first prompt, the later are warm)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
@@ -50,7 +50,7 @@ if [ "${1:-all}" = compile ]; then
         timeout "${EAGER_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
             --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
         echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor"
-        timeout "${COMPILE_S:-300}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        timeout "${COMPILE_S:-360}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
             --prompts 3 --reference-prompts 0 --compile-generation inductor \
             --json "$OUT/gemma65k_compile_inductor.json"
         date -u
