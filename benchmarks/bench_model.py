@@ -29,6 +29,7 @@ def timed(fn):
 
 def main() -> None:
     from refusalscope.data import load_prompts
+    from refusalscope.lm.compiled import MODES
     from refusalscope.lm.inference import generate, map_last_logits
     from refusalscope.lm.loading import load_model
 
@@ -39,7 +40,7 @@ def main() -> None:
     ap.add_argument("--n-forward", type=int, default=32)
     ap.add_argument("--n-generate", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--compile-generation", default="off", choices=["off", "inductor", "aot_eager"])
+    ap.add_argument("--compile-generation", default="off", choices=MODES)
     args = ap.parse_args()
 
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -25,9 +25,10 @@ def main() -> None:
 
     from refusalscope.analysis.finished_run import FinishedRun
     from refusalscope.config import RunSettings
+    from refusalscope.lm.compiled import MODES
     from refusalscope.pipeline import steps
     from refusalscope.pipeline.records import untimed, without
-    from refusalscope.stages.context import CompletionCache, StageContext
+    from refusalscope.stages.context import CompletionCache
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a finished run (its model, SAEs, Stage-1 ranking, prompts)")
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--early-stop", action="store_true", help="then the largest group once more with generations "
                     "stopped as soon as the judge decides (--early-stop): its time, and whether every verdict "
                     "equals the full-length run's (completions differ by design)")
-    ap.add_argument("--compile-generation", choices=["off", "inductor", "aot_eager"], default="off",
+    ap.add_argument("--compile-generation", choices=MODES, default="off",
                     help="then the largest group once more with compiled generation (refusalscope run "
                     "--compile-generation): its time, compiling included, and whether every record is the same")
     ap.add_argument("--shared-rows", choices=["on", "off"], default="on", help="scoring sets share rows "
@@ -45,14 +46,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    run = FinishedRun(args.run)
-    cfg = dict(run.config)
-    cfg["out"] = str(run.store.root)
+    finished = FinishedRun(args.run)
+    cfg = dict(finished.config)
+    cfg["out"] = str(finished.store.root)
     settings = RunSettings(**{k: v for k, v in cfg.items() if k in RunSettings.model_fields})
-    recs = [r for r in run.records if args.max_k is None or (r.stage1.k or 10**9) <= args.max_k][:args.n]
+    recs = [r for r in finished.records if args.max_k is None or (r.stage1.k or 10**9) <= args.max_k][:args.n]
     items = [(r.id, r.prompt) for r in recs]
-    ranked = {int(k): v for k, v in run.store.read_json("stage1_ranking.json").items()}
-    base = run.context()
+    ranked = {int(k): v for k, v in finished.store.read_json("stage1_ranking.json").items()}
+    base = finished.context()
     saes = steps.stage_saes(base.saes, settings, base.lm)
     out: dict = {"run": str(args.run), "threads": torch.get_num_threads(), "device": str(base.lm.device),
                  "dtype": str(base.lm.dtype), "prompts": [r.id for r in recs],
@@ -61,10 +62,10 @@ def main() -> None:
     sizes = [int(x) for x in args.groups.split(",")]
 
     def run(g: int, early_stop: bool = False, compile: str = "off"):
-        ctx = StageContext(base.lm, saes, base.judge, max_new_tokens=settings.max_new_tokens,
-                           batch_size=settings.batch_size * g, score_batch_size=settings.stage2_batch_size,
-                           cache=CompletionCache(), skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
-                           share_rows=args.shared_rows == "on", early_stop=early_stop, compile=compile)
+        # the run's own context (steps.stage_context) with this group size and options, and an empty cache
+        options = settings.model_copy(update={"prompt_batch": g, "shared_rows": args.shared_rows == "on",
+                                              "early_stop": early_stop, "compile_generation": compile})
+        ctx = steps.stage_context(base.lm, saes, base.judge, options, finished.store, CompletionCache())
         t0 = time.perf_counter()
         records = [rec for group in steps.groups(items, g) for rec in steps.process_prompts(ctx, group, ranked,
                                                                                               settings)]

@@ -23,7 +23,7 @@ TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def main() -> None:
-    from refusalscope.stages.scoring import SetScorer
+    from refusalscope.stages.scoring import SetScorer, batch_scorer
     from refusalscope.stages.stage1 import candidate_set, ranked_latents
     from refusalscope.stages.stage2 import prune_batched, prune_sequential
 
@@ -109,9 +109,9 @@ def main() -> None:
 
     def prob(member, share_rows=True):
         forwards["n"] += member.shape[0]
-        # as refusal_probs_for_batch, keeping the scorer to read its row counts
-        scorer = SetScorer(model, n_layers, batch, token_ids, saes, cands, batch_size=args.batch_size,
-                           share=args.share if member.shape[0] > 1 else "none", share_rows=share_rows)
+        # refusal_probs_for_batch, keeping the scorer to read its row counts
+        scorer = batch_scorer(model, n_layers, batch, token_ids, saes, cands, member.shape[0],
+                              batch_size=args.batch_size, share=args.share, share_rows=share_rows)
         p = scorer(member)
         if share_rows:
             layer_rows[:] = [a + b for a, b in zip(layer_rows, scorer.layer_rows)]

@@ -21,63 +21,48 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 log="$OUT/log.txt"
-if [ "${1:-all}" = rows ]; then
-    {
-        date -u
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-        cd benchmarks || exit 1
-        echo "== stage 2 alone, gemma-2-2b shapes, 65k, 4,800 candidates: shared rows vs one row per set"
-        timeout "${STAGE2_S:-150}" python3 bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800 \
-            --batch-size 1024 --repeats 2 --sequential-taus "" --rows-off | tee "$OUT/stage2_rows.json"
-        for c in 5 20; do
-            echo "== gemma-2-2b, 65k, one prompt, sweeps' K values $c per generation batch"
-            timeout "${CHUNK_S:-60}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-                --prompts 1 --reference-prompts 0 --k-chunk "$c" --batch-size 32 --json "$OUT/gemma65k_chunk$c.json"
-        done
-        date -u
-    } 2>&1 | tee "$log"
-    exit
-fi
-if [ "${1:-all}" = compile ]; then
-    {
-        date -u
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-        echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
-        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
-        cd benchmarks || exit 1
-        # eager: 2 prompts (~20 s each plus setup); compiled: 3, since the first one pays every shape's compile
-        echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
-        timeout "${EAGER_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
-        echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor"
-        timeout "${COMPILE_S:-360}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts 3 --reference-prompts 0 --compile-generation inductor \
-            --json "$OUT/gemma65k_compile_inductor.json"
-        date -u
-    } 2>&1 | tee "$log"
-    exit
-fi
-if [ "${1:-all}" = batch ]; then
-    {
-        date -u
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-        cd benchmarks || exit 1
-        # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
-        echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
-        timeout "${BASE_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts 2 --prompt-batch 1 --reference-prompts 0 --json "$OUT/gemma65k_batch1.json"
-        for g in 4 16; do
-            echo "== gemma-2-2b, 65k, $g prompts in lockstep"
-            timeout "${GEMMA_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-                --prompts "$g" --prompt-batch "$g" --reference-prompts 0 --json "$OUT/gemma65k_batch$g.json"
-        done
-        date -u
-    } 2>&1 | tee "$log"
-    exit
-fi
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+
+# each mode's checks; the wrapper at the end adds the date and GPU lines and writes everything to $log
+run_rows() {
+    cd benchmarks || exit 1
+    echo "== stage 2 alone, gemma-2-2b shapes, 65k, 4,800 candidates: shared rows vs one row per set"
+    timeout "${STAGE2_S:-150}" python3 bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800 \
+        --batch-size 1024 --repeats 2 --sequential-taus "" --rows-off | tee "$OUT/stage2_rows.json"
+    for c in 5 20; do
+        echo "== gemma-2-2b, 65k, one prompt, sweeps' K values $c per generation batch"
+        timeout "${CHUNK_S:-60}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts 1 --reference-prompts 0 --k-chunk "$c" --batch-size 32 --json "$OUT/gemma65k_chunk$c.json"
+    done
+}
+
+run_compile() {
+    echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+    cd benchmarks || exit 1
+    # eager: 2 prompts (~20 s each plus setup); compiled: 3, since the first one pays every shape's compile
+    echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
+    timeout "${EAGER_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
+    echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor"
+    timeout "${COMPILE_S:-360}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        --prompts 3 --reference-prompts 0 --compile-generation inductor \
+        --json "$OUT/gemma65k_compile_inductor.json"
+}
+
+run_batch() {
+    cd benchmarks || exit 1
+    # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
+    echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
+    timeout "${BASE_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        --prompts 2 --prompt-batch 1 --reference-prompts 0 --json "$OUT/gemma65k_batch1.json"
+    for g in 4 16; do
+        echo "== gemma-2-2b, 65k, $g prompts in lockstep"
+        timeout "${GEMMA_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts "$g" --prompt-batch "$g" --reference-prompts 0 --json "$OUT/gemma65k_batch$g.json"
+    done
+}
+
+run_all() {
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "== CUDA tests"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py \
@@ -94,5 +79,13 @@ fi
     echo "== llama-3.1-8b, 131k SAEs on every layer, host placement"
     timeout "${LLAMA_S:-170}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 1 \
         --reference-prompts 0 --sae-placement host --json "$OUT/llama131k.json"
+}
+
+mode=${1:-all}
+case "$mode" in rows|compile|batch) ;; *) mode=all ;; esac  # as before: any other argument runs all
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "run_$mode"
     date -u
 } 2>&1 | tee "$log"

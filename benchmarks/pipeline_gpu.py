@@ -117,6 +117,8 @@ class Meter:
 
 
 def parse_args(argv):
+    from refusalscope.lm.compiled import MODES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--toy", action="store_true", help="CPU stand-in sizes: " + json.dumps(TOY))
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gemma-2-2b")
@@ -147,7 +149,7 @@ def parse_args(argv):
     ap.add_argument("--shared-rows", default="off", choices=["on", "off"], help="scoring sets share rows while "
                     "they agree on the latents that fired (refusalscope run --shared-rows); off by default: what it "
                     "saves depends on how often the random SAEs' latents fire, and the worst case is no sharing")
-    ap.add_argument("--compile-generation", default="off", choices=["off", "inductor", "aot_eager"],
+    ap.add_argument("--compile-generation", default="off", choices=MODES,
                     help="decode with a static cache and a compiled step (lm.compiled); the reference stays eager "
                     "and compile time counts in the first prompt's seconds")
     ap.add_argument("--direction-prompts", type=int, default=32, help="prompts per side for the direction step")

@@ -58,13 +58,16 @@ class SharedRowAblation(Intervention):
         for layer, plan in self.plans.items():
             if plan.mask is None or plan.mask.shape[0] != self.n_sets:
                 raise RefusalScopeError(f"layer {layer}: shared rows need one mask row per set ({self.n_sets})")
+        self._start()
+
+    def _start(self) -> None:
+        """Every set in the one row of the prompt alone, before a forward."""
         self.rows = torch.zeros(self.n_sets, dtype=torch.long)
         self.n_rows = 1  # rows of the stream now (kept on the host: no device sync to read it)
+        self.computed = []
 
     def hooks(self, n_layers: int) -> list[Hook]:
-        self.rows = torch.zeros(self.n_sets, dtype=torch.long)
-        self.n_rows = 1
-        self.computed = []
+        self._start()
 
         def make(plan: LayerPlan, layer: int):
             member = plan.mask.bool()

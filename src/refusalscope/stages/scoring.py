@@ -146,17 +146,25 @@ class SetScorer:
         return self._probs(logits)[iv.rows.to(logits.device)]
 
 
+def batch_scorer(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor], token_ids: Sequence[int],
+                 saes: Mapping[int, Sae], candidates: Sequence[Feature], rows: int, *, batch_size: int = 32,
+                 fast: bool = True, share: str = "auto", share_rows: bool = True) -> SetScorer:
+    """A ``SetScorer`` for one call of ``rows`` sets: shared work only when there is more than one row (one row
+    has nothing to share it with)."""
+    if share not in ("auto", "positions", "layers", "none"):
+        raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
+    return SetScorer(model, n_layers, batch, token_ids, saes, candidates, batch_size=batch_size, fast=fast,
+                     share=share if rows > 1 else "none", share_rows=share_rows)
+
+
 def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                             token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
                             member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
                             share: str = "auto", share_rows: bool = True) -> torch.Tensor:
     """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
-    ``member`` (R, len(candidates)): the row's marked candidates are ablated. A ``SetScorer`` for one call
-    (shared work only when there is more than one row)."""
-    if share not in ("auto", "positions", "layers", "none"):
-        raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
-    return SetScorer(model, n_layers, batch, token_ids, saes, candidates, batch_size=batch_size, fast=fast,
-                     share=share if member.shape[0] > 1 else "none", share_rows=share_rows)(member)
+    ``member`` (R, len(candidates)): the row's marked candidates are ablated (``batch_scorer`` for one call)."""
+    return batch_scorer(model, n_layers, batch, token_ids, saes, candidates, member.shape[0], batch_size=batch_size,
+                        fast=fast, share=share, share_rows=share_rows)(member)
 
 
 def prompt_scorer(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
