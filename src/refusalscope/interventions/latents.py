@@ -279,7 +279,7 @@ class LatentAblation(Intervention):
 
         ``rows``: the rows of a per-row ablation (needed when no row ablates anything)."""
         widths = [len(p.ids) for p in self.plans.values()]
-        U = bucket(max(widths, default=0), least=8)
+        U = bucket(max(widths, default=0), least=8)  # our choice: ≥ 8, so small sets share one shape
         plans = {}
         for layer in sorted(set(saes) | set(self.plans)):
             plan = self.plans.get(layer)

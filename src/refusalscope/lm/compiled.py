@@ -44,7 +44,8 @@ def check_mode(mode: str) -> str:
 
 
 def bucket(n: int, least: int = 1) -> int:
-    """The next power of two ≥ max(n, least): the sizes compiled shapes are rounded up to."""
+    """The next power of two ≥ max(n, least): the sizes compiled shapes are rounded up to (our choice: powers of
+    two, so a handful of shapes cover every size at less than twice the work)."""
     n = max(int(n), int(least), 1)
     return 1 << (n - 1).bit_length()
 
