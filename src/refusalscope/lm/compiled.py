@@ -85,13 +85,6 @@ def static_cache(model: torch.nn.Module, rows: int, length: int):
     return cache
 
 
-def cache_argument(model: torch.nn.Module) -> str:
-    """The name ``generate`` takes a cache under: ``cache`` since transformers renamed ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def generate_kwargs(mode: str, device: torch.device) -> dict:
     """The ``model.generate`` arguments of ``mode`` besides the cache: transformers' compile config. Also raises
     torch's per-process recompile limit to ``RECOMPILE_LIMIT`` (a global setting of torch._dynamo)."""

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from refusalscope.interventions import Intervention, hooks_for
-from refusalscope.lm.compiled import LENGTH_BUCKET, cache_argument, generate_kwargs, padded_rows, static_cache
+from refusalscope.lm.compiled import LENGTH_BUCKET, generate_kwargs, padded_rows, static_cache
 from refusalscope.lm.hooks import Hook, batch_context, hooked
-from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.loading import LoadedModel, cache_argument
 from refusalscope.lm.prompts import format_chat, tokenize
 
 

@@ -73,6 +73,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name a forward or ``generate`` takes a key/value cache under: ``cache`` since transformers renamed
+    ``past_key_values`` (the old name still works there, with a deprecation warning; older versions know only it)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def contiguous_head_input(model: torch.nn.Module) -> None:
     """Make the output embedding's input contiguous (once per model; a no-op for contiguous inputs).
 

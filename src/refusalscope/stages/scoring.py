@@ -15,7 +15,7 @@ from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import CandidatePlans, LatentAblation
 from refusalscope.interventions.shared_rows import SharedRowAblation
 from refusalscope.lm.hooks import batch_context, hooked, layer_outputs, replaying
-from refusalscope.lm.loading import LoadedModel
+from refusalscope.lm.loading import LoadedModel, cache_argument
 from refusalscope.lm.prompts import format_chat, tokenize
 from refusalscope.saes.features import Feature, as_latent_set, membership
 from refusalscope.saes.sae import Sae
@@ -129,7 +129,7 @@ class SetScorer:
                 past = copy.deepcopy(self.cache)
                 past.batch_repeat_interleave(chunk.shape[0])
                 logits = self.model(input_ids=rows["input_ids"][:, self.p0:], attention_mask=rows["attention_mask"],
-                                    past_key_values=past, use_cache=True, logits_to_keep=1).logits
+                                    **{cache_argument(self.model): past}, use_cache=True, logits_to_keep=1).logits
         if self.plans is not None:
             self.layer_rows = [n + chunk.shape[0] * len(self.plans.plans) for n in self.layer_rows]
         return self._probs(logits)
