@@ -2,13 +2,16 @@
 # The GPU checks of issue 13 as one command for a lent machine (benchmarks/RESULTS.md records what it printed):
 #   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's; also with shared rows),
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
-# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile]
+# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep]
 #   batch (~8 min): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
 #   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
 #   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
-#   compile (~9 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with eager generation
-#   (2) and with --compile-generation inductor (3: compile time lands in the first prompt, the later are warm)
+#   compile (~9 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with
+#   --compile-generation inductor (3: compile time lands in the first prompt, the later are warm; the eager
+#   reference forms on the first, for the ratio) and with eager generation (2)
+#   lockstep (~9 min at most): Gemma-2-2B/65k, compiled, 32 prompts in two lockstep groups of 16 (the AdvBench-520
+#   estimate), then the reference forms on one prompt (the ratio against the warm group)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -37,16 +40,28 @@ run_rows() {
 
 run_compile() {
     echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+    timeout "${TEST_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
     cd benchmarks || exit 1
-    # eager: 2 prompts (~20 s each plus setup); compiled: 3, since the first one pays every shape's compile
-    echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
-    timeout "${EAGER_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-        --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
-    echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor"
-    timeout "${COMPILE_S:-360}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-        --prompts 3 --reference-prompts 0 --compile-generation inductor \
+    # compiled first: 3 prompts (the first pays the compile, the later are warm) and the eager reference forms on
+    # the first (~100 s), so the warm ratio compares warm compiled prompts with them; then eager, 2 prompts
+    echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor, reference on the first"
+    timeout "${COMPILE_S:-330}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        --prompts 3 --reference-prompts 1 --compile-generation inductor \
         --json "$OUT/gemma65k_compile_inductor.json"
+    echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
+    timeout "${EAGER_S:-110}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
+}
+
+run_lockstep() {
+    cd benchmarks || exit 1
+    # two groups of 16 prompts in lockstep, compiled: the first pays the compile, the second is warm, so AdvBench-520
+    # is about the setup, the first group and 31.5 more groups at the second's time; then the eager reference forms
+    # on the first prompt (~100 s) for the ratio against the warm group
+    echo "== gemma-2-2b, 65k, 32 prompts in lockstep groups of 16, --compile-generation inductor, reference on one"
+    timeout "${LOCKSTEP_S:-540}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        --prompts 32 --prompt-batch 16 --reference-prompts 1 --compile-generation inductor \
+        --json "$OUT/gemma65k_lockstep16_compiled.json"
 }
 
 run_batch() {
@@ -82,7 +97,7 @@ run_all() {
 }
 
 mode=${1:-all}
-case "$mode" in rows|compile|batch) ;; *) mode=all ;; esac  # as before: any other argument runs all
+case "$mode" in rows|compile|batch|lockstep) ;; *) mode=all ;; esac  # as before: any other argument runs all
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

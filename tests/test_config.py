@@ -213,3 +213,17 @@ def test_env_comma_list(monkeypatch):
         assert _direction().filters == ["kl", "steer"]
     except RefusalScopeError:
         pass
+
+
+def test_example_file_is_generated_from_the_settings():
+    """refusalscope.example.toml lists every option with its default; a new or changed option must regenerate it
+    (python -c 'import refusalscope.config as c; print(c.example_toml())')."""
+    import tomllib
+
+    from refusalscope.config import RunSettings, example_toml
+
+    path = Path(__file__).resolve().parents[1] / "refusalscope.example.toml"
+    assert path.read_text().rstrip("\n") == example_toml().rstrip("\n")  # as print() or write_text() left it
+    run = tomllib.loads(path.read_text())["run"]
+    assert run["compile-generation"] == RunSettings.model_fields["compile_generation"].default
+    assert run["shared-rows"] is RunSettings.model_fields["shared_rows"].default

@@ -224,10 +224,13 @@ class RunSettings(ModelOptions):
                               "fired so far share one batch row (same P up to float rounding); off: one row per set")
     early_stop: bool = Field(False, description="stop each generation once the judge's verdict can no longer change "
                              "(a refusal phrase appeared): same verdicts, shorter stored completions")
-    # our choice: off until a GPU shows it pays (a CPU decode step is bound by its matmuls: no gain, RESULTS.md)
-    compile_generation: Literal["off", "inductor", "aot_eager"] = Field(  # lm.compiled.MODES
-        "off", description="decode with a static key/value cache and a compiled step replayed as CUDA graphs "
-        "(inductor, on a GPU; aot_eager: capture only, for tests); shapes are bucketed so compiled steps are reused")
+    # our choice: auto (lm.compiled.choose_mode): compiled on a GPU for runs of many prompts, where it paid
+    compile_generation: Literal["auto", "off", "inductor", "aot_eager"] = Field(  # lm.compiled.CompileSetting
+        "auto", description="decode with a static key/value cache and a compiled step replayed as CUDA graphs "
+        "(inductor, on a GPU; aot_eager: capture only, for tests); shapes are bucketed so compiled steps are reused; "
+        "auto: inductor on a GPU when the run has at least --compile-min-prompts refused prompts, else off")
+    compile_min_prompts: int = Field(64, ge=0, description="auto compile: the fewest prompts worth the one-time "
+                                     "compile (~4 min on an H200)")  # lm.compiled.AUTO_MIN_PROMPTS
     sae_placement: Literal["auto", "device", "host"] = Field(
         "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "
@@ -256,8 +259,9 @@ class InteractionSettings(_RunOptions, Stage3Options):
     """Stage 3 on a run that has Stages 1-2: FM and probe, ranked ablations, the causal link to Stage 2."""
 
     prompt_batch: int | None = RunSettings.model_fields["prompt_batch"]
-    compile_generation: Literal["off", "inductor", "aot_eager"] = \
+    compile_generation: Literal["auto", "off", "inductor", "aot_eager"] = \
         RunSettings.model_fields["compile_generation"]
+    compile_min_prompts: int = RunSettings.model_fields["compile_min_prompts"]
 
     ray: str | None = RayOptions.model_fields["ray"]
     ray_workers: int | None = RayOptions.model_fields["ray_workers"]

@@ -171,11 +171,23 @@ def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_pa
     """`--compile-generation` (here aot_eager, the CPU stand-in of the GPU's inductor) reaches the stages'
     generation and leaves every finished prompt's record as eager generation makes it."""
     import shutil
+    from types import SimpleNamespace
 
+    import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    pipeline.run_pipeline(setup, progress=False)
+    from refusalscope.analysis.finished_run import FinishedRun
+
+    torch._dynamo.reset()
+    counters.clear()
+    # the default, auto, stays eager on a CPU however many prompts the run has
+    pipeline.run_pipeline(setup.model_copy(update={"compile_min_prompts": 0}), progress=False)
+    assert setup.compile_generation == "auto" and counters["stats"]["unique_graphs"] == 0
+    # an analysis of the run decides as the run would on the analysis's device (3 processed prompts ≥ 0)
+    run = FinishedRun(setup.out)
+    assert run.compile_mode(SimpleNamespace(device=torch.device("cpu"))) == "off"
+    assert run.compile_mode(SimpleNamespace(device=torch.device("cuda"))) == "inductor"
     compiled = setup.model_copy(update={"out": tmp_path / "compiled", "compile_generation": "aot_eager"})
     shutil.copytree(setup.out, compiled.out)  # the direction and SAEs are reused; the stages run again
     shutil.rmtree(compiled.out / "prompts")

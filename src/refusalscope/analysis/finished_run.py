@@ -145,8 +145,17 @@ class FinishedRun:
                             batch_size=batch_size or int(cfg.get("batch_size", 16)),
                             score_batch_size=cfg.get("stage2_batch_size"),
                             share_rows=bool(cfg.get("shared_rows", True)),
-                            compile=cfg.get("compile_generation", "off"),
+                            compile=self.compile_mode(lm),
                             cache=CompletionCache(self.store.path("completions.sqlite")))
+
+    def compile_mode(self, lm) -> str:
+        """The run's compile mode on ``lm``'s device, "auto" decided as the run did (on its processed prompts), so
+        an analysis finds the run's compiled or eager completions in the cache."""
+        from refusalscope.lm.compiled import AUTO_MIN_PROMPTS, choose_mode
+
+        cfg = self.config
+        return choose_mode(cfg.get("compile_generation", "off"), lm.device, int(self.summary.get("n_processed", 0)),
+                           int(cfg.get("compile_min_prompts", AUTO_MIN_PROMPTS)))
 
     def judge(self, name: str | None = None) -> Judge:
         if self._judge is not None and name is None:

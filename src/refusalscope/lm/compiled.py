@@ -28,6 +28,11 @@ from refusalscope.errors import RefusalScopeError
 
 CompileMode = Literal["off", "inductor", "aot_eager"]
 MODES: tuple[str, ...] = get_args(CompileMode)
+CompileSetting = Literal["auto", "off", "inductor", "aot_eager"]  # what a run is told; ``choose_mode`` resolves it
+# our choice: "auto" compiles for runs of at least this many prompts, on a GPU only. On an H200 compiling cost
+# ~225 s once per process and a warm worst-case prompt took 5.8-8.3 s against 14.8 s eager: break-even after 25-35
+# prompts; real sweeps stop early and save less, hence 64. On 2 CPU cores it saved nothing (benchmarks/RESULTS.md)
+AUTO_MIN_PROMPTS = 64
 # our choice: prompts left-padded to a multiple of 32 tokens (a few cache lengths over AdvBench's 30–110 tokens)
 LENGTH_BUCKET = 32
 # our choice: allow this many compiled graphs per process (torch's default, 8, is below a Stage-1 + Stage-3 run's)
@@ -43,6 +48,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def choose_mode(setting: str, device: torch.device | str, n_prompts: int,
+                min_prompts: int = AUTO_MIN_PROMPTS) -> str:
+    """The compile mode a run uses: ``setting`` itself, or for ``auto``, ``inductor`` when ``device`` is a GPU and
+    the run has at least ``min_prompts`` prompts (compiling pays back over many prompts), else ``off``."""
+    if setting != "auto":
+        return check_mode(setting)
+    return "inductor" if torch.device(device).type == "cuda" and n_prompts >= min_prompts else "off"
+
+
 def bucket(n: int, least: int = 1) -> int:
     """The next power of two ≥ max(n, least): the sizes compiled shapes are rounded up to (our choice: powers of
     two, so a handful of shapes cover every size at less than twice the work)."""
@@ -54,18 +68,24 @@ def padded_rows(rows: Sequence[int], cap: int | None = None) -> list[int]:
     """``rows`` with its last index repeated up to a power-of-two count, but not past ``cap`` rows (the batch
     size: padding must not make a batch larger than the user allowed); the repeats' outputs are dropped."""
     rows = list(rows)
-    target = bucket(len(rows)) if cap is None else min(bucket(len(rows)), max(cap, len(rows)))
+    # at least 2 rows: torch compiles a size of 1 as a special case, one more graph for single-row calls
+    target = bucket(len(rows), least=2) if rows else 0
+    target = target if cap is None else min(target, max(cap, len(rows)))
     return rows + rows[-1:] * (target - len(rows)) if rows else rows
 
 
-def persistent(key: tuple, value: torch.Tensor) -> torch.Tensor:
+def persistent(key: tuple, value: torch.Tensor, dynamic: Sequence[int] = ()) -> torch.Tensor:
     """``value`` copied into this process's buffer for ``key`` (and its shape, dtype, device), made on first use:
-    a compiled step reads it at the same address on every call. Two tensors of one forward need two keys."""
+    a compiled step reads it at the same address on every call. Two tensors of one forward need two keys.
+    ``dynamic``: the dims whose size varies between calls (a bucket), compiled as symbols from the first graph on."""
     k = (*key, tuple(value.shape), value.dtype, value.device)
     with torch.inference_mode():  # buffers are made and refilled in inference mode, so refilling always works
         buf = _BUFFERS.get(k)
         if buf is None:
             buf = _BUFFERS[k] = torch.empty_like(value)
+            for dim in dynamic:
+                # a hook's tensors count as module state, which dynamo otherwise compiles for one size first
+                torch._dynamo.maybe_mark_dynamic(buf, dim)
         return buf.copy_(value)
 
 
@@ -85,6 +105,14 @@ def static_cache(model: torch.nn.Module, rows: int, length: int):
     return cache
 
 
+def release(model: torch.nn.Module | None = None) -> None:
+    """Free what compiled generation keeps: the key/value caches kept on ``model`` (if given) and this process's
+    hook buffers. Later compiled calls make them anew (and CUDA graphs re-record)."""
+    if model is not None:
+        model.__dict__.pop("_refusalscope_static_caches", None)
+    _BUFFERS.clear()
+
+
 def generate_kwargs(mode: str, device: torch.device) -> dict:
     """The ``model.generate`` arguments of ``mode`` besides the cache: transformers' compile config. Also raises
     torch's per-process recompile limit to ``RECOMPILE_LIMIT`` (a global setting of torch._dynamo)."""
@@ -95,12 +123,14 @@ def generate_kwargs(mode: str, device: torch.device) -> dict:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    # our choice: dynamic=None, dynamo's automatic dynamic shapes: after a second shape it compiles one symbolic
-    # graph for all of them; CUDA graphs are still recorded per concrete shape, which the buckets keep few
+    # our choice: dynamic=True, every bucketed size a symbol from the first graph on (with the hooks' buffers marked
+    # in ``persistent`` and at least 2 rows): one compiled graph per process where dynamo's default (a static graph,
+    # then recompiles as sizes change) made 4 (CPU toy: 45 s of compiling against 72 s; RESULTS.md). CUDA graphs
+    # are still recorded per concrete shape, which the buckets keep few
     if mode == "inductor":
-        config = CompileConfig(backend="inductor", mode="reduce-overhead", dynamic=None)
+        config = CompileConfig(backend="inductor", mode="reduce-overhead", dynamic=True)
     else:  # a backend without modes (the tests' aot_eager)
-        config = CompileConfig(backend=mode, mode=None, dynamic=None)
+        config = CompileConfig(backend=mode, mode=None, dynamic=True)
     if torch.device(device).type != "cuda":
         config._compile_all_devices = True  # transformers compiles only on accelerators unless told so
     return {"compile_config": config}

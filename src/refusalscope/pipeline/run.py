@@ -73,6 +73,8 @@ def _pipeline(settings: RunSettings, progress: bool) -> dict:
     n_refused = len(refused)
     if settings.max_refused:
         refused = refused.head(settings.max_refused)
+    # compiled generation: "auto" is decided once, on the run's refused prompts, so a resumed run decides alike
+    settings = settings.model_copy(update={"compile_generation": steps.compile_mode(settings, lm, len(refused))})
     # 7. Stage 1's ranking of every layer's latents by cos(W_dec, r)
     ranked = ranked_latents(saes, direction, settings.k_cap)
     store.write_json("stage1_ranking.json", {str(layer): ids for layer, ids in ranked.items()})
@@ -119,7 +121,8 @@ def run_interactions(settings: InteractionSettings, progress: bool = True) -> di
     cfg["out"] = str(store.root)
     cfg["stages"] = sorted({*cfg.get("stages", ["1", "2"]), "3"})
     cfg["stage3"] = settings.model_dump(include=set(Stage3Options.model_fields))
-    for key in ("device", "dtype", "batch_size", "prompt_batch", "compile_generation"):
+    for key in ("device", "dtype", "batch_size", "prompt_batch", "compile_generation",
+                "compile_min_prompts"):
         if key in settings.model_fields_set:
             cfg[key] = getattr(settings, key)
     cfg["ray"], cfg["ray_workers"] = settings.ray, settings.ray_workers  # Ray only when this command asks for it

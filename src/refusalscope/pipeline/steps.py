@@ -22,6 +22,7 @@ from refusalscope.data import PromptSet, load_prompts, resolve_data_dir
 from refusalscope.direction import load_direction, run_direction
 from refusalscope.errors import RefusalScopeError
 from refusalscope.judges import Judge, check_judge_name
+from refusalscope.lm.compiled import choose_mode
 from refusalscope.lm.inference import generate
 from refusalscope.lm.loading import LoadedModel, load_model, portable_source
 from refusalscope.pipeline.records import PromptRecord
@@ -246,6 +247,12 @@ def prompt_batch(settings: RunSettings, lm: LoadedModel) -> int:
     # our choice: 4 by default: 1.26x on the CPU (decoding reads every weight once per step, for 5 rows or 20;
     # benchmarks/RESULTS.md), and a kill loses at most 4 prompts' work; a GPU gains more from larger groups
     return settings.prompt_batch or 4
+
+
+def compile_mode(settings: RunSettings, lm: LoadedModel, n_prompts: int) -> str:
+    """The compile mode of a run with ``n_prompts`` refused prompts (``--compile-generation``; auto: see
+    ``lm.compiled.choose_mode``)."""
+    return choose_mode(settings.compile_generation, lm.device, n_prompts, settings.compile_min_prompts)
 
 
 def groups(items: Sequence, size: int) -> list[list]:

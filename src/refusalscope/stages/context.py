@@ -123,7 +123,7 @@ class StageContext:
     # completions; our choice: off, since stored completions are read by people (samples in reports)
     early_stop: bool = False
     # decode with a static cache and a compiled step (``lm.compiled.MODES``); ablations are padded to bucketed
-    # shapes so compiled steps are reused; our choice: off (see ``RunSettings.compile_generation``)
+    # shapes so compiled steps are reused; a run resolves its "auto" first (``lm.compiled.choose_mode``)
     compile: str = "off"
     _clean: dict = field(default_factory=dict, repr=False)  # prompt -> its clean activations (``activations``)
     _clean_kept: int = field(default=4, repr=False)  # how many prompts' clean activations are kept
