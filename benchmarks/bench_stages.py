@@ -22,6 +22,20 @@ from bench_common import random_jumprelu_saes, random_model, sync
 TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
+def profile_stage2(run, device: torch.device, path: str) -> None:
+    """``run()`` once under torch.profiler; the table of its costliest operators goes to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
+
+
 def main() -> None:
     from refusalscope.stages.scoring import SetScorer, batch_scorer
     from refusalscope.stages.stage1 import candidate_set, ranked_latents
@@ -46,6 +60,9 @@ def main() -> None:
                     "(SetScorer share_rows=False, the code before shared rows) and check it keeps the same sets")
     ap.add_argument("--skip-inactive", action="store_true", help="also time Stage 2 with the chain steps whose "
                     "block did not fire skipped (stage2.build_chains_skipping) and check it keeps the same sets")
+    ap.add_argument("--profile", default=None, metavar="FILE", help="also run batched Stage 2 once under "
+                    "torch.profiler and write its 30 costliest operators (by self time on the device, or the CPU "
+                    "without one) to FILE: where Stage 2's time goes")
     args = ap.parse_args()
     device = torch.device(args.device)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -134,6 +151,8 @@ def main() -> None:
                stage2_batched_layer_rows_computed_vs_one_per_set=list(layer_rows),
                stage2_sets_scored=forwards["n"],
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
+    if args.profile:
+        profile_stage2(lambda: prune_batched(cands, prob, TAUS, seeds), device, args.profile)
     if args.rows_off:
         times_off = []
         for _ in range(args.repeats):  # as many runs as the shared-rows timing, best kept

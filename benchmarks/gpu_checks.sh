@@ -2,7 +2,7 @@
 # The GPU checks of issue 13 as one command for a lent machine (benchmarks/RESULTS.md records what it printed):
 #   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's; also with shared rows),
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
-# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep]
+# Usage, from the repository root: OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep|profile]
 #   batch (~8 min): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
 #   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
@@ -12,6 +12,7 @@
 #   reference forms on the first, for the ratio) and with eager generation (2)
 #   lockstep (~9 min at most): Gemma-2-2B/65k, compiled, 32 prompts in two lockstep groups of 16 (the AdvBench-520
 #   estimate), then the reference forms on one prompt (the ratio against the warm group)
+#   profile (~2.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes under torch.profiler (its costliest operators)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -64,6 +65,16 @@ run_lockstep() {
         --json "$OUT/gemma65k_lockstep16_compiled.json"
 }
 
+run_profile() {
+    cd benchmarks || exit 1
+    # where Stage 2's 1.7 s go at Gemma-2-2B shapes (the target is 1.0 s; the matmuls alone need ~0.75 s)
+    echo "== stage 2 alone, gemma-2-2b shapes, 65k, 4,800 candidates, under torch.profiler"
+    timeout "${PROFILE_S:-150}" python3 bench_stages.py --random-shape gemma-2-2b --device cuda --candidates 4800 \
+        --batch-size 1024 --repeats 2 --sequential-taus "" --profile "$OUT/stage2_profile.txt" \
+        | tee "$OUT/stage2_profile.json"
+    cat "$OUT/stage2_profile.txt"
+}
+
 run_batch() {
     cd benchmarks || exit 1
     # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
@@ -97,7 +108,7 @@ run_all() {
 }
 
 mode=${1:-all}
-case "$mode" in rows|compile|batch|lockstep) ;; *) mode=all ;; esac  # as before: any other argument runs all
+case "$mode" in rows|compile|batch|lockstep|profile) ;; *) mode=all ;; esac  # as before: any other argument runs all
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
