@@ -167,3 +167,22 @@ def test_early_stop_is_part_of_a_finished_prompt_key_only_when_on(tmp_path, tiny
     ctx = steps.stage_context(tiny_lm, placed, FakeJudge.always(), on.model_copy(update={"stage2_skip": "off"}),
                               RunStore(tmp_path / "run"))
     assert ctx.early_stop and ctx.skip_inactive is False and ctx.generation_settings["stopped_by"] == "always"
+
+
+def test_auto_compile_counts_the_runs_prompts_and_leaves_the_device_to_each_process(tmp_path, tiny_lm):
+    from types import SimpleNamespace
+
+    import torch
+
+    from refusalscope.store import RunStore
+
+    auto = RunSettings(out=tmp_path / "run")
+    assert auto.compile_generation == "auto"
+    assert steps.compile_setting(auto, auto.compile_min_prompts - 1) == "off"  # too few to pay the compile back
+    assert steps.compile_setting(auto, auto.compile_min_prompts) == "auto"  # a Ray worker's own device decides
+    assert steps.compile_setting(auto.model_copy(update={"compile_generation": "inductor"}), 1) == "inductor"
+    ctx = steps.stage_context(tiny_lm, {}, FakeJudge.always(), auto, RunStore(tmp_path / "run"))
+    assert ctx.compile == "off"  # this process is a CPU
+    gpu = SimpleNamespace(**{**vars(tiny_lm), "device": torch.device("cuda")})  # what a GPU worker would build
+    ctx = steps.stage_context(gpu, {}, FakeJudge.always(), auto, RunStore(tmp_path / "run"))
+    assert ctx.compile == "inductor"

@@ -48,13 +48,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def choose_mode(setting: str, device: torch.device | str, n_prompts: int,
+def choose_mode(setting: str, device: torch.device | str, n_prompts: int | None = None,
                 min_prompts: int = AUTO_MIN_PROMPTS) -> str:
-    """The compile mode a run uses: ``setting`` itself, or for ``auto``, ``inductor`` when ``device`` is a GPU and
-    the run has at least ``min_prompts`` prompts (compiling pays back over many prompts), else ``off``."""
+    """The compile mode generation on ``device`` uses: ``setting`` itself, or for ``auto``, ``inductor`` on a GPU
+    unless ``n_prompts`` (when given) is below ``min_prompts`` (compiling pays back over many prompts), else
+    ``off``. A run applies the prompt count once (``pipeline.steps.compile_setting``) and each process its device."""
     if setting != "auto":
         return check_mode(setting)
-    return "inductor" if torch.device(device).type == "cuda" and n_prompts >= min_prompts else "off"
+    enough = n_prompts is None or n_prompts >= min_prompts
+    return "inductor" if torch.device(device).type == "cuda" and enough else "off"
 
 
 def bucket(n: int, least: int = 1) -> int:

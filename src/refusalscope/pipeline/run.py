@@ -73,8 +73,9 @@ def _pipeline(settings: RunSettings, progress: bool) -> dict:
     n_refused = len(refused)
     if settings.max_refused:
         refused = refused.head(settings.max_refused)
-    # compiled generation: "auto" is decided once, on the run's refused prompts, so a resumed run decides alike
-    settings = settings.model_copy(update={"compile_generation": steps.compile_mode(settings, lm, len(refused))})
+    # compiled generation: "auto" counts the run's refused prompts once (a resumed run decides alike); each
+    # process's device decides the rest
+    settings = settings.model_copy(update={"compile_generation": steps.compile_setting(settings, len(refused))})
     # 7. Stage 1's ranking of every layer's latents by cos(W_dec, r)
     ranked = ranked_latents(saes, direction, settings.k_cap)
     store.write_json("stage1_ranking.json", {str(layer): ids for layer, ids in ranked.items()})

@@ -249,10 +249,12 @@ def prompt_batch(settings: RunSettings, lm: LoadedModel) -> int:
     return settings.prompt_batch or 4
 
 
-def compile_mode(settings: RunSettings, lm: LoadedModel, n_prompts: int) -> str:
-    """The compile mode of a run with ``n_prompts`` refused prompts (``--compile-generation``; auto: see
-    ``lm.compiled.choose_mode``)."""
-    return choose_mode(settings.compile_generation, lm.device, n_prompts, settings.compile_min_prompts)
+def compile_setting(settings: RunSettings, n_prompts: int) -> str:
+    """``--compile-generation`` for a run of ``n_prompts`` refused prompts: "auto" becomes "off" when they are too
+    few to pay the compile back; otherwise it stays, and each process (a Ray worker too) decides by its own
+    device in ``stage_context`` (``lm.compiled.choose_mode``)."""
+    mode = settings.compile_generation
+    return "off" if mode == "auto" and n_prompts < settings.compile_min_prompts else mode
 
 
 def groups(items: Sequence, size: int) -> list[list]:
@@ -275,7 +277,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
         share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
-        compile=settings.compile_generation,
+        compile=choose_mode(settings.compile_generation, lm.device),
     )
 
 
