@@ -10,8 +10,8 @@
 #   compile (~9 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with
 #   --compile-generation inductor (3: compile time lands in the first prompt, the later are warm; the eager
 #   reference forms on the first, for the ratio) and with eager generation (2)
-#   lockstep (~9 min at most): Gemma-2-2B/65k, compiled, 32 prompts in two lockstep groups of 16 (the AdvBench-520
-#   estimate), then the reference forms on one prompt (the ratio against the warm group)
+#   lockstep (~9.5 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k, compiled, 32 prompts in
+#   two lockstep groups of 16 (the AdvBench-520 estimate), then the reference forms on one prompt (the ratio)
 #   profile (~2.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes under torch.profiler (its costliest operators)
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
@@ -55,12 +55,14 @@ run_compile() {
 }
 
 run_lockstep() {
+    echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
+    timeout "${TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
     cd benchmarks || exit 1
     # two groups of 16 prompts in lockstep, compiled: the first pays the compile, the second is warm, so AdvBench-520
     # is about the setup, the first group and 31.5 more groups at the second's time; then the eager reference forms
     # on the first prompt (~100 s) for the ratio against the warm group
     echo "== gemma-2-2b, 65k, 32 prompts in lockstep groups of 16, --compile-generation inductor, reference on one"
-    timeout "${LOCKSTEP_S:-540}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${LOCKSTEP_S:-480}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 32 --prompt-batch 16 --reference-prompts 1 --compile-generation inductor \
         --json "$OUT/gemma65k_lockstep16_compiled.json"
 }
