@@ -41,16 +41,16 @@ run_rows() {
 
 run_compile() {
     echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
-    timeout "${TEST_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+    timeout "${TEST_S:-80}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
     cd benchmarks || exit 1
     # compiled first: 3 prompts (the first pays the compile, the later are warm) and the eager reference forms on
     # the first (~100 s), so the warm ratio compares warm compiled prompts with them; then eager, 2 prompts
     echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor, reference on the first"
-    timeout "${COMPILE_S:-330}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${COMPILE_S:-400}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 3 --reference-prompts 1 --compile-generation inductor \
         --json "$OUT/gemma65k_compile_inductor.json"
     echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
-    timeout "${EAGER_S:-110}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${EAGER_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
 }
 
@@ -62,7 +62,7 @@ run_lockstep() {
     # is about the setup, the first group and 31.5 more groups at the second's time; then the eager reference forms
     # on the first prompt (~100 s) for the ratio against the warm group
     echo "== gemma-2-2b, 65k, 32 prompts in lockstep groups of 16, --compile-generation inductor, reference on one"
-    timeout "${LOCKSTEP_S:-480}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${LOCKSTEP_S:-490}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 32 --prompt-batch 16 --reference-prompts 1 --compile-generation inductor \
         --json "$OUT/gemma65k_lockstep16_compiled.json"
 }

@@ -229,8 +229,9 @@ class RunSettings(ModelOptions):
         "auto", description="decode with a static key/value cache and a compiled step replayed as CUDA graphs "
         "(inductor, on a GPU; aot_eager: capture only, for tests); shapes are bucketed so compiled steps are reused; "
         "auto: inductor on a GPU when the run has at least --compile-min-prompts refused prompts, else off")
-    compile_min_prompts: int = Field(64, ge=0, description="auto compile: the fewest prompts worth the one-time "
-                                     "compile (~4 min on an H200)")  # lm.compiled.AUTO_MIN_PROMPTS
+    compile_min_prompts: int = Field(64, ge=0, description="auto compile: the fewest prompts per process (with "
+                                     "--ray-workers N, the run's share of N) worth its one-time compile (minutes "
+                                     "on a GPU)")  # lm.compiled.AUTO_MIN_PROMPTS
     sae_placement: Literal["auto", "device", "host"] = Field(
         "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "

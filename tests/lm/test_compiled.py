@@ -145,6 +145,29 @@ def test_compiled_generation_equals_eager_and_reuses_its_graph(arch, tiny_dirs):
     assert _graphs() == graphs
 
 
+def test_one_compiled_graph_serves_every_bucket(tiny_lm):
+    """Row counts 2, 4, 8 (the first equal to the tiny model's key/value head count, which duck shaping would tie
+    the rows to) and a hook's latent count growing from 8 to 16 (the hooks' buffers): all under the first graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from refusalscope.lm import compiled
+
+    assert tiny_lm.model.config.num_key_value_heads == 2
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.release(tiny_lm.model)
+    saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=40, layer=layer, seed=layer) for layer in (1, 2)}
+    ctx = StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=3, batch_size=8, cache=CompletionCache(),
+                       compile="aot_eager")
+    wide = [Feature(1, i) for i in range(12)]  # 12 latents at layer 1: every hook pads to 16
+    for sets in ([[Feature(1, 3)], [Feature(2, 7)]],  # 2 rows, 8 latents per hook
+                 [[Feature(1, 4)], [Feature(2, 1)], [Feature(1, 5)], []],  # 4 rows
+                 [wide] + [[Feature(2, i)] for i in range(7)]):  # 8 rows, 16 latents
+        ctx.judged(PROMPTS[1], sets)
+    assert _graphs() == 1 and not counters["graph_break"]
+
+
 def test_plain_generate_takes_the_compile_mode(tiny_lm):
     """``generate`` pads rows and prompt length itself: the completions do not change, padded rows are dropped."""
     import torch._dynamo
@@ -220,8 +243,6 @@ def test_compiled_steps_read_their_static_inputs_at_fixed_addresses(arch, tiny_l
     for key, ptrs in seen:
         by_shape.setdefault(key, []).append(ptrs)
     assert len(seen) >= len(calls) * 4  # every call's decode steps ran through the probe
-    # graphs × shapes: 4 rows, 2 rows, 4 rows in the longer cache; once dynamo has made a second graph with
-    # symbolic shapes, 4 rows again under it
     # one graph (every bucketed size symbolic) at three shapes: 4 rows, 2 rows, 4 rows in the longer cache
     assert len({graph for graph, _ in by_shape}) == 1 and len(by_shape) == 3
     for replays in by_shape.values():

@@ -168,8 +168,10 @@ def test_a_moved_run_holds_no_path_of_its_own_and_resumes_on_another_machine(set
 
 
 def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_path, monkeypatch):
-    """`--compile-generation` (here aot_eager, the CPU stand-in of the GPU's inductor) reaches the stages'
-    generation and leaves every finished prompt's record as eager generation makes it."""
+    """`--compile-generation auto` compiles only for runs of at least `--compile-min-prompts` refused prompts (here
+    on a CPU that plays a GPU: auto means aot_eager, the CPU stand-in of the GPU's inductor), reaches the stages'
+    generation, and leaves every finished prompt's record as eager generation makes it; an analysis of the run
+    decides as the run did."""
     import shutil
     from types import SimpleNamespace
 
@@ -178,17 +180,21 @@ def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_pa
     from torch._dynamo.utils import counters
 
     from refusalscope.analysis.finished_run import FinishedRun
+    from refusalscope.lm.compiled import choose_mode
 
+    def on(device):
+        return SimpleNamespace(device=torch.device(device))
+
+    assert choose_mode("auto", "cpu") == "off"  # really, a CPU run never compiles by default
+    monkeypatch.setattr(steps, "choose_mode", lambda mode, device: "aot_eager" if mode == "auto" else mode)
     torch._dynamo.reset()
     counters.clear()
-    # the default, auto, stays eager on a CPU however many prompts the run has
-    pipeline.run_pipeline(setup.model_copy(update={"compile_min_prompts": 0}), progress=False)
+    # 3 refused prompts, fewer than 4: eager
+    pipeline.run_pipeline(setup.model_copy(update={"compile_min_prompts": 4}), progress=False)
     assert setup.compile_generation == "auto" and counters["stats"]["unique_graphs"] == 0
-    # an analysis of the run decides as the run would on the analysis's device (3 processed prompts ≥ 0)
-    run = FinishedRun(setup.out)
-    assert run.compile_mode(SimpleNamespace(device=torch.device("cpu"))) == "off"
-    assert run.compile_mode(SimpleNamespace(device=torch.device("cuda"))) == "inductor"
-    compiled = setup.model_copy(update={"out": tmp_path / "compiled", "compile_generation": "aot_eager"})
+    assert FinishedRun(setup.out).compile_mode(on("cuda")) == "off"
+    # 3 refused prompts, at least 3: compiled
+    compiled = setup.model_copy(update={"out": tmp_path / "compiled", "compile_min_prompts": 3})
     shutil.copytree(setup.out, compiled.out)  # the direction and SAEs are reused; the stages run again
     shutil.rmtree(compiled.out / "prompts")
     (compiled.out / "completions.sqlite").unlink()
@@ -196,6 +202,8 @@ def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_pa
     counters.clear()
     pipeline.run_pipeline(compiled, progress=False)
     assert counters["stats"]["unique_graphs"] >= 1  # the decode steps were compiled
+    run = FinishedRun(compiled.out)
+    assert run.compile_mode(on("cuda")) == "inductor" and run.compile_mode(on("cpu")) == "off"
     files = sorted((setup.out / "prompts").glob("*.json"))
     assert len(files) == 3
     for f in files:

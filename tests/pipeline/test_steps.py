@@ -181,6 +181,10 @@ def test_auto_compile_counts_the_runs_prompts_and_leaves_the_device_to_each_proc
     assert steps.compile_setting(auto, auto.compile_min_prompts - 1) == "off"  # too few to pay the compile back
     assert steps.compile_setting(auto, auto.compile_min_prompts) == "auto"  # a Ray worker's own device decides
     assert steps.compile_setting(auto.model_copy(update={"compile_generation": "inductor"}), 1) == "inductor"
+    on_ray = auto.model_copy(update={"ray": "local", "ray_workers": 4})  # each of 4 workers compiles for its share
+    assert steps.compile_setting(on_ray, 4 * (auto.compile_min_prompts - 1)) == "off"
+    assert steps.compile_setting(on_ray, 4 * (auto.compile_min_prompts - 1) + 1) == "auto"  # the busiest one
+    assert steps.compile_setting(on_ray.model_copy(update={"ray_workers": None}), auto.compile_min_prompts) == "auto"
     ctx = steps.stage_context(tiny_lm, {}, FakeJudge.always(), auto, RunStore(tmp_path / "run"))
     assert ctx.compile == "off"  # this process is a CPU
     gpu = SimpleNamespace(**{**vars(tiny_lm), "device": torch.device("cuda")})  # what a GPU worker would build

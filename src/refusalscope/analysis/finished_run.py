@@ -152,9 +152,11 @@ class FinishedRun:
         """The run's compile mode on ``lm``'s device, "auto" decided as the run did (on its processed prompts), so
         an analysis finds the run's compiled or eager completions in the cache."""
         from refusalscope.lm.compiled import AUTO_MIN_PROMPTS, choose_mode
+        from refusalscope.pipeline.steps import prompts_per_process
 
         cfg = self.config
-        return choose_mode(cfg.get("compile_generation", "off"), lm.device, int(self.summary.get("n_processed", 0)),
+        n = prompts_per_process(int(self.summary.get("n_processed", 0)), cfg.get("ray"), cfg.get("ray_workers"))
+        return choose_mode(cfg.get("compile_generation", "off"), lm.device, n,
                            int(cfg.get("compile_min_prompts", AUTO_MIN_PROMPTS)))
 
     def judge(self, name: str | None = None) -> Judge:

@@ -237,10 +237,6 @@ def ablation_delta(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> torch
     return z @ dec
 
 
-# the latent dims of a restricted SAE's tensors (W_enc (d, U), W_dec (U, d), ...): bucketed, so they vary
-_SUB_DYNAMIC = {"W_enc": (1,), "b_enc": (0,), "W_dec": (0,), "b_dec": (), "threshold": (0,)}
-
-
 @dataclass(frozen=True)
 class LatentAblation(Intervention):
     """Zero-ablate latent sets (error term kept) at resid_post of their layers; one set, or one per batch row."""
@@ -306,11 +302,12 @@ class LatentAblation(Intervention):
         for layer, plan in self.plans.items():
             key = ("latent_ablation", layer)
             sub = plan.sub
-            if sub is not None:  # the latent dim (U, a bucket) varies between calls
-                sub = replace(sub, **{name: persistent((*key, name), getattr(sub, name), dims)
-                                      for name, dims in _SUB_DYNAMIC.items() if getattr(sub, name) is not None})
-            out[layer] = replace(plan, ids=persistent((*key, "ids"), plan.ids, (0,)), sub=sub,
-                                 mask=None if plan.mask is None else persistent((*key, "mask"), plan.mask, (0, 1)))
+            if sub is not None:
+                sub = replace(sub, **{name: persistent((*key, name), getattr(sub, name))
+                                      for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+                                      if getattr(sub, name) is not None})
+            out[layer] = replace(plan, ids=persistent((*key, "ids"), plan.ids), sub=sub,
+                                 mask=None if plan.mask is None else persistent((*key, "mask"), plan.mask))
         return out
 
     def hooks(self, n_layers: int) -> list[Hook]:

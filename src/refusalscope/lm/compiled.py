@@ -76,18 +76,14 @@ def padded_rows(rows: Sequence[int], cap: int | None = None) -> list[int]:
     return rows + rows[-1:] * (target - len(rows)) if rows else rows
 
 
-def persistent(key: tuple, value: torch.Tensor, dynamic: Sequence[int] = ()) -> torch.Tensor:
+def persistent(key: tuple, value: torch.Tensor) -> torch.Tensor:
     """``value`` copied into this process's buffer for ``key`` (and its shape, dtype, device), made on first use:
-    a compiled step reads it at the same address on every call. Two tensors of one forward need two keys.
-    ``dynamic``: the dims whose size varies between calls (a bucket), compiled as symbols from the first graph on."""
+    a compiled step reads it at the same address on every call. Two tensors of one forward need two keys."""
     k = (*key, tuple(value.shape), value.dtype, value.device)
     with torch.inference_mode():  # buffers are made and refilled in inference mode, so refilling always works
         buf = _BUFFERS.get(k)
         if buf is None:
             buf = _BUFFERS[k] = torch.empty_like(value)
-            for dim in dynamic:
-                # a hook's tensors count as module state, which dynamo otherwise compiles for one size first
-                torch._dynamo.maybe_mark_dynamic(buf, dim)
         return buf.copy_(value)
 
 
@@ -108,27 +104,31 @@ def static_cache(model: torch.nn.Module, rows: int, length: int):
 
 
 def release(model: torch.nn.Module | None = None) -> None:
-    """Free what compiled generation keeps: the key/value caches kept on ``model`` (if given) and this process's
-    hook buffers. Later compiled calls make them anew (and CUDA graphs re-record)."""
+    """Free the key/value caches kept on ``model`` (if given) and this process's hook buffers; later compiled calls
+    make them anew (and CUDA graphs re-record). Compiled graphs and CUDA-graph pools stay: torch._dynamo.reset()."""
     if model is not None:
         model.__dict__.pop("_refusalscope_static_caches", None)
     _BUFFERS.clear()
 
 
 def generate_kwargs(mode: str, device: torch.device) -> dict:
-    """The ``model.generate`` arguments of ``mode`` besides the cache: transformers' compile config. Also raises
-    torch's per-process recompile limit to ``RECOMPILE_LIMIT`` (a global setting of torch._dynamo)."""
+    """The ``model.generate`` arguments of ``mode`` besides the cache: transformers' compile config. Also sets two
+    process-wide torch settings: the recompile limit (raised to ``RECOMPILE_LIMIT``) and no duck shaping."""
     if check_mode(mode) == "off":
         return {}
     from transformers import CompileConfig
 
     import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    # our choice: dynamic=True, every bucketed size a symbol from the first graph on (with the hooks' buffers marked
-    # in ``persistent`` and at least 2 rows): one compiled graph per process where dynamo's default (a static graph,
-    # then recompiles as sizes change) made 4 (CPU toy: 45 s of compiling against 72 s; RESULTS.md). CUDA graphs
-    # are still recorded per concrete shape, which the buckets keep few
+    # duck shaping gives equal sizes one symbol: a first call whose row count equals the cache's head count would
+    # tie the rows to it, and the next row count would compile a second graph
+    fx_config.use_duck_shape = False
+    # our choice: dynamic=True, every bucketed size its own symbol from the first graph on (with no duck shaping and
+    # at least 2 rows): one compiled graph per process where dynamo's default (a static graph, then a recompile
+    # per kind of size that changes) made 4 (CPU toy, RESULTS.md). CUDA graphs are still recorded per concrete
+    # shape, which the buckets keep few
     if mode == "inductor":
         config = CompileConfig(backend="inductor", mode="reduce-overhead", dynamic=True)
     else:  # a backend without modes (the tests' aot_eager)

@@ -250,11 +250,18 @@ def prompt_batch(settings: RunSettings, lm: LoadedModel) -> int:
 
 
 def compile_setting(settings: RunSettings, n_prompts: int) -> str:
-    """``--compile-generation`` for a run of ``n_prompts`` refused prompts: "auto" becomes "off" when they are too
-    few to pay the compile back; otherwise it stays, and each process (a Ray worker too) decides by its own
-    device in ``stage_context`` (``lm.compiled.choose_mode``)."""
+    """``--compile-generation`` for a run of ``n_prompts`` refused prompts: "auto" becomes "off" when a process gets
+    too few of them to pay its compile back; otherwise it stays, and each process (a Ray worker too) decides by
+    its own device in ``stage_context`` (``lm.compiled.choose_mode``)."""
     mode = settings.compile_generation
-    return "off" if mode == "auto" and n_prompts < settings.compile_min_prompts else mode
+    n = prompts_per_process(n_prompts, settings.ray, settings.ray_workers)
+    return "off" if mode == "auto" and n < settings.compile_min_prompts else mode
+
+
+def prompts_per_process(n_prompts: int, ray: str | None, workers: int | None) -> int:
+    """The prompts one process generates for: all of them, or with ``--ray`` and ``--ray-workers N`` a share of N
+    (our choice: without N, all of them, since the cluster's size is not known before it is reached)."""
+    return -(-n_prompts // workers) if ray and workers else n_prompts
 
 
 def groups(items: Sequence, size: int) -> list[list]:
