@@ -168,6 +168,25 @@ def test_one_compiled_graph_serves_every_bucket(tiny_lm):
     assert _graphs() == 1 and not counters["graph_break"]
 
 
+def test_a_failing_compile_is_one_clear_error(tiny_lm, monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.backends.registry import register_backend
+
+    import refusalscope.lm.compiled as compiled
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no kernel for this op")
+
+    name = f"refusalscope_broken_{uuid.uuid4().hex}"
+    register_backend(name=name)(broken)
+    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, name))
+    torch._dynamo.reset()
+    with pytest.raises(RefusalScopeError, match=r"compiled generation .* failed: .*no kernel for this op.*"
+                                                r"--compile-generation off"):
+        generate(tiny_lm, PROMPTS[:2], max_new_tokens=3, batch_size=2, progress=False, compile=name)
+    torch._dynamo.reset()
+
+
 def test_plain_generate_takes_the_compile_mode(tiny_lm):
     """``generate`` pads rows and prompt length itself: the completions do not change, padded rows are dropped."""
     import torch._dynamo

@@ -20,6 +20,7 @@ as static, so every replay would copy the model's weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 import torch
@@ -109,6 +110,23 @@ def release(model: torch.nn.Module | None = None) -> None:
     if model is not None:
         model.__dict__.pop("_refusalscope_static_caches", None)
     _BUFFERS.clear()
+
+
+@contextmanager
+def compile_errors(mode: str):
+    """A failure of torch.compile inside ``generate`` as one clear error naming the way out (finished prompts are
+    kept, so rerunning with compilation off loses nothing)."""
+    import torch._dynamo.exc
+
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as err:
+        if mode == "off":
+            raise
+        cause = getattr(err, "inner_exception", None) or err  # a compiler's own error, wrapped by dynamo
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise RefusalScopeError(f"compiled generation ({mode}) failed: {type(cause).__name__}: {first[:300]}; rerun "
+                                "with --compile-generation off") from err
 
 
 def generate_kwargs(mode: str, device: torch.device) -> dict:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from refusalscope.interventions import Intervention, hooks_for
-from refusalscope.lm.compiled import LENGTH_BUCKET, generate_kwargs, padded_rows, static_cache
+from refusalscope.lm.compiled import LENGTH_BUCKET, compile_errors, generate_kwargs, padded_rows, static_cache
 from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.lm.loading import LoadedModel, cache_argument
 from refusalscope.lm.prompts import format_chat, tokenize
@@ -133,9 +133,10 @@ def generate(lm: LoadedModel, instructions: Sequence[str], *, max_new_tokens: in
                     criterion = _StopWhenDecided(tok, batch["input_ids"].shape[1],
                                                  lambda done, asked=asked: stop(asked, done))
                     extra["stopping_criteria"] = StoppingCriteriaList([criterion])
-                out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                        top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,
-                                        **extra)
+                with compile_errors(compile):
+                    out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                            temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+                                            eos_token_id=eos_ids, **extra)
             new = out[:, batch["input_ids"].shape[1]:]
             for j, i in enumerate(rows):
                 completions[i] = tok.decode(new[j], skip_special_tokens=True)
