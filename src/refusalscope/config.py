@@ -228,7 +228,8 @@ class RunSettings(ModelOptions):
     compile_generation: Literal["auto", "off", "inductor", "aot_eager"] = Field(  # lm.compiled.CompileSetting
         "auto", description="decode with a static key/value cache and a compiled step replayed as CUDA graphs "
         "(inductor, on a GPU; aot_eager: capture only, for tests); shapes are bucketed so compiled steps are reused; "
-        "auto: inductor on a GPU when the run has at least --compile-min-prompts refused prompts, else off")
+        "auto: inductor on a GPU when the run has at least --compile-min-prompts refused prompts and no TopK SAEs, "
+        "else off")
     compile_min_prompts: int = Field(64, ge=0, description="auto compile: the fewest prompts per process (with "
                                      "--ray-workers N, the run's share of N) worth its one-time compile (minutes "
                                      "on a GPU)")  # lm.compiled.AUTO_MIN_PROMPTS

@@ -58,6 +58,8 @@ def test_auto_compiles_on_a_gpu_for_many_prompts_only():
     assert choose_mode("auto", "cpu", 10_000) == "off"  # no gain on a CPU
     assert choose_mode("auto", "cuda", 3, min_prompts=3) == "inductor"
     assert choose_mode("auto", "cuda") == "inductor" and choose_mode("auto", "cpu") == "off"  # the device alone
+    assert choose_mode("auto", "cuda", independent=False) == "off"  # TopK: every padded hook would fully encode
+    assert choose_mode("inductor", "cuda", independent=False) == "inductor"  # asked for explicitly
     assert choose_mode("aot_eager", "cpu", 0) == "aot_eager" and choose_mode("off", "cuda", 10_000) == "off"
     with pytest.raises(RefusalScopeError, match="unknown compile mode"):
         choose_mode("cudagraphs", "cuda", 100)

@@ -188,5 +188,8 @@ def test_auto_compile_counts_the_runs_prompts_and_leaves_the_device_to_each_proc
     ctx = steps.stage_context(tiny_lm, {}, FakeJudge.always(), auto, RunStore(tmp_path / "run"))
     assert ctx.compile == "off"  # this process is a CPU
     gpu = SimpleNamespace(**{**vars(tiny_lm), "device": torch.device("cuda")})  # what a GPU worker would build
-    ctx = steps.stage_context(gpu, {}, FakeJudge.always(), auto, RunStore(tmp_path / "run"))
+    saes = {arch: {3: random_sae(arch, d=tiny_lm.d_model, m=16, layer=3)} for arch in ("jumprelu", "topk")}
+    ctx = steps.stage_context(gpu, saes["jumprelu"], FakeJudge.always(), auto, RunStore(tmp_path / "run"))
     assert ctx.compile == "inductor"
+    ctx = steps.stage_context(gpu, saes["topk"], FakeJudge.always(), auto, RunStore(tmp_path / "run"))
+    assert ctx.compile == "off"  # TopK SAEs stay eager under auto

@@ -50,14 +50,17 @@ def check_mode(mode: str) -> str:
 
 
 def choose_mode(setting: str, device: torch.device | str, n_prompts: int | None = None,
-                min_prompts: int = AUTO_MIN_PROMPTS) -> str:
+                min_prompts: int = AUTO_MIN_PROMPTS, independent: bool = True) -> str:
     """The compile mode generation on ``device`` uses: ``setting`` itself, or for ``auto``, ``inductor`` on a GPU
-    unless ``n_prompts`` (when given) is below ``min_prompts`` (compiling pays back over many prompts), else
-    ``off``. A run applies the prompt count once (``pipeline.steps.compile_setting``) and each process its device."""
+    unless ``n_prompts`` (when given) is below ``min_prompts`` (compiling pays back over many prompts) or the SAEs'
+    latents are not ``independent`` (TopK), else ``off``. A run applies the prompt count once
+    (``pipeline.steps.compile_setting``) and each process its device and SAEs."""
     if setting != "auto":
         return check_mode(setting)
     enough = n_prompts is None or n_prompts >= min_prompts
-    return "inductor" if torch.device(device).type == "cuda" and enough else "off"
+    # our choice: TopK SAEs stay eager under auto: a padded hook sits at every SAE layer and a TopK latent needs the
+    # full encode, so every decode step would read every layer's whole encoder (host-held ones over the bus)
+    return "inductor" if torch.device(device).type == "cuda" and enough and independent else "off"
 
 
 def bucket(n: int, least: int = 1) -> int:

@@ -284,7 +284,8 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
         share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
-        compile=choose_mode(settings.compile_generation, lm.device),
+        compile=choose_mode(settings.compile_generation, lm.device,
+                            independent=all(sae.independent for sae in saes.values())),
     )
 
 
