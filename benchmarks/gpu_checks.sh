@@ -39,9 +39,13 @@ run_rows() {
     done
 }
 
-run_compile() {
+cuda_compile_test() {  # the limit in seconds unless TEST_S is set
     echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
-    timeout "${TEST_S:-80}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+    timeout "${TEST_S:-$1}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+}
+
+run_compile() {
+    cuda_compile_test 80
     cd benchmarks || exit 1
     # compiled first: 3 prompts (the first pays the compile, the later are warm) and the eager reference forms on
     # the first (~100 s), so the warm ratio compares warm compiled prompts with them; then eager, 2 prompts
@@ -55,8 +59,7 @@ run_compile() {
 }
 
 run_lockstep() {
-    echo "== CUDA test: compiled generation (inductor, CUDA graphs) gives the eager completions"
-    timeout "${TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider tests/lm/test_compiled.py -k cuda
+    cuda_compile_test 90
     cd benchmarks || exit 1
     # two groups of 16 prompts in lockstep, compiled: the first pays the compile, the second is warm, so AdvBench-520
     # is about the setup, the first group and 31.5 more groups at the second's time; then the eager reference forms
