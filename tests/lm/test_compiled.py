@@ -19,7 +19,7 @@ from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import LatentAblation
 from refusalscope.config import RunSettings
 from refusalscope.lm.compiled import (AUTO_MIN_PROMPTS, MODES, CompileSetting, bucket, check_mode, choose_mode,
-                                      generate_kwargs, padded_rows, persistent)
+                                      enough_prompts, generate_kwargs, padded_rows, persistent)
 from refusalscope.lm.hooks import hooked
 from refusalscope.lm.inference import generate
 from refusalscope.saes.features import Feature
@@ -51,18 +51,22 @@ def test_buckets_round_up_to_powers_of_two():
 
 
 def test_auto_compiles_on_a_gpu_for_many_prompts_only():
+    def mode(setting, device, n=None, min_prompts=AUTO_MIN_PROMPTS, saes=None):  # as a run decides: count, device
+        return choose_mode(setting if n is None else enough_prompts(setting, n, min_prompts), device, saes)
+
+    topk = {3: random_sae("topk", d=8, m=16, layer=3)}
     assert RunSettings.model_fields["compile_min_prompts"].default == AUTO_MIN_PROMPTS
-    assert choose_mode("auto", "cuda", AUTO_MIN_PROMPTS) == "inductor"
-    assert choose_mode("auto", torch.device("cuda", 1), 500) == "inductor"
-    assert choose_mode("auto", "cuda", AUTO_MIN_PROMPTS - 1) == "off"  # too few prompts to pay the compile back
-    assert choose_mode("auto", "cpu", 10_000) == "off"  # no gain on a CPU
-    assert choose_mode("auto", "cuda", 3, min_prompts=3) == "inductor"
-    assert choose_mode("auto", "cuda") == "inductor" and choose_mode("auto", "cpu") == "off"  # the device alone
-    assert choose_mode("auto", "cuda", independent=False) == "off"  # TopK: every padded hook would fully encode
-    assert choose_mode("inductor", "cuda", independent=False) == "inductor"  # asked for explicitly
-    assert choose_mode("aot_eager", "cpu", 0) == "aot_eager" and choose_mode("off", "cuda", 10_000) == "off"
+    assert mode("auto", "cuda", AUTO_MIN_PROMPTS) == "inductor"
+    assert mode("auto", torch.device("cuda", 1), 500) == "inductor"
+    assert mode("auto", "cuda", AUTO_MIN_PROMPTS - 1) == "off"  # too few prompts to pay the compile back
+    assert mode("auto", "cpu", 10_000) == "off"  # no gain on a CPU
+    assert mode("auto", "cuda", 3, min_prompts=3) == "inductor"
+    assert mode("auto", "cuda") == "inductor" and mode("auto", "cpu") == "off"  # the device alone
+    assert mode("auto", "cuda", saes=topk) == "off"  # TopK: every padded hook would fully encode
+    assert mode("inductor", "cuda", saes=topk) == "inductor"  # asked for explicitly
+    assert mode("aot_eager", "cpu", 0) == "aot_eager" and mode("off", "cuda", 10_000) == "off"
     with pytest.raises(RefusalScopeError, match="unknown compile mode"):
-        choose_mode("cudagraphs", "cuda", 100)
+        mode("cudagraphs", "cuda", 100)
 
 
 def test_persistent_buffers_keep_their_address():

@@ -186,7 +186,7 @@ def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_pa
         return SimpleNamespace(device=torch.device(device))
 
     assert choose_mode("auto", "cpu") == "off"  # really, a CPU run never compiles by default
-    monkeypatch.setattr(steps, "choose_mode", lambda mode, device, **kw: "aot_eager" if mode == "auto" else mode)
+    monkeypatch.setattr(steps, "choose_mode", lambda mode, device, saes=None: "aot_eager" if mode == "auto" else mode)
     torch._dynamo.reset()
     counters.clear()
     # 3 refused prompts, fewer than 4: eager

@@ -151,14 +151,14 @@ class FinishedRun:
     def compile_mode(self, lm, saes: Mapping | None = None) -> str:
         """The run's compile mode on ``lm``'s device with ``saes``, "auto" decided as the run did (on its processed
         prompts), so an analysis finds the run's compiled or eager completions in the cache."""
-        from refusalscope.lm.compiled import AUTO_MIN_PROMPTS, choose_mode
+        from refusalscope.lm.compiled import AUTO_MIN_PROMPTS, choose_mode, enough_prompts
         from refusalscope.pipeline.steps import prompts_per_process
 
         cfg = self.config
         n = prompts_per_process(int(self.summary.get("n_processed", 0)), cfg.get("ray"), cfg.get("ray_workers"))
-        return choose_mode(cfg.get("compile_generation", "off"), lm.device, n,
-                           int(cfg.get("compile_min_prompts", AUTO_MIN_PROMPTS)),
-                           independent=all(sae.independent for sae in (saes or {}).values()))
+        setting = enough_prompts(cfg.get("compile_generation", "off"), n,
+                                 int(cfg.get("compile_min_prompts", AUTO_MIN_PROMPTS)))
+        return choose_mode(setting, lm.device, saes)
 
     def judge(self, name: str | None = None) -> Judge:
         if self._judge is not None and name is None:

@@ -19,7 +19,7 @@ as static, so every replay would copy the model's weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal, get_args
 
@@ -29,7 +29,8 @@ from refusalscope.errors import RefusalScopeError
 
 CompileMode = Literal["off", "inductor", "aot_eager"]
 MODES: tuple[str, ...] = get_args(CompileMode)
-CompileSetting = Literal["auto", "off", "inductor", "aot_eager"]  # what a run is told; ``choose_mode`` resolves it
+CompileSetting = Literal["auto", "off", "inductor", "aot_eager"]  # what a run is told (``enough_prompts``,
+# then ``choose_mode`` resolve it)
 # our choice: "auto" compiles for runs of at least this many prompts, on a GPU only. On an H200 compiling cost
 # ~225 s once per process and a warm worst-case prompt took 5.8-8.3 s against 14.8 s eager: break-even after 25-35
 # prompts; real sweeps stop early and save less, hence 64. On 2 CPU cores it saved nothing (benchmarks/RESULTS.md)
@@ -49,18 +50,21 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def choose_mode(setting: str, device: torch.device | str, n_prompts: int | None = None,
-                min_prompts: int = AUTO_MIN_PROMPTS, independent: bool = True) -> str:
-    """The compile mode generation on ``device`` uses: ``setting`` itself, or for ``auto``, ``inductor`` on a GPU
-    unless ``n_prompts`` (when given) is below ``min_prompts`` (compiling pays back over many prompts) or the SAEs'
-    latents are not ``independent`` (TopK), else ``off``. A run applies the prompt count once
-    (``pipeline.steps.compile_setting``) and each process its device and SAEs."""
+def enough_prompts(setting: str, n_prompts: int, min_prompts: int = AUTO_MIN_PROMPTS) -> str:
+    """``setting``, with "auto" turned "off" when a process generates for fewer than ``min_prompts`` prompts (too
+    few to pay the compile back). A run applies it once (``pipeline.steps.compile_setting``)."""
+    return "off" if setting == "auto" and n_prompts < min_prompts else setting
+
+
+def choose_mode(setting: str, device: torch.device | str, saes: Mapping | None = None) -> str:
+    """The compile mode generation on ``device`` with ``saes`` uses: ``setting`` itself, or for "auto",
+    ``inductor`` on a GPU unless an SAE's latents are not independent (TopK), else ``off``."""
     if setting != "auto":
         return check_mode(setting)
-    enough = n_prompts is None or n_prompts >= min_prompts
     # our choice: TopK SAEs stay eager under auto: a padded hook sits at every SAE layer and a TopK latent needs the
     # full encode, so every decode step would read every layer's whole encoder (host-held ones over the bus)
-    return "inductor" if torch.device(device).type == "cuda" and enough and independent else "off"
+    independent = all(sae.independent for sae in (saes or {}).values())
+    return "inductor" if torch.device(device).type == "cuda" and independent else "off"
 
 
 def bucket(n: int, least: int = 1) -> int:

@@ -22,7 +22,7 @@ from refusalscope.data import PromptSet, load_prompts, resolve_data_dir
 from refusalscope.direction import load_direction, run_direction
 from refusalscope.errors import RefusalScopeError
 from refusalscope.judges import Judge, check_judge_name
-from refusalscope.lm.compiled import choose_mode
+from refusalscope.lm.compiled import choose_mode, enough_prompts
 from refusalscope.lm.inference import generate
 from refusalscope.lm.loading import LoadedModel, load_model, portable_source
 from refusalscope.pipeline.records import PromptRecord
@@ -253,9 +253,8 @@ def compile_setting(settings: RunSettings, n_prompts: int) -> str:
     """``--compile-generation`` for a run of ``n_prompts`` refused prompts: "auto" becomes "off" when a process gets
     too few of them to pay its compile back; otherwise it stays, and each process (a Ray worker too) decides by
     its own device in ``stage_context`` (``lm.compiled.choose_mode``)."""
-    mode = settings.compile_generation
     n = prompts_per_process(n_prompts, settings.ray, settings.ray_workers)
-    return "off" if mode == "auto" and n < settings.compile_min_prompts else mode
+    return enough_prompts(settings.compile_generation, n, settings.compile_min_prompts)
 
 
 def prompts_per_process(n_prompts: int, ray: str | None, workers: int | None) -> int:
@@ -284,8 +283,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         skip_inactive={"on": True, "off": False}.get(settings.stage2_skip),
         share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
-        compile=choose_mode(settings.compile_generation, lm.device,
-                            independent=all(sae.independent for sae in saes.values())),
+        compile=choose_mode(settings.compile_generation, lm.device, saes),
     )
 
 
