@@ -22,8 +22,16 @@ from bench_common import random_jumprelu_saes, random_model, sync
 TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
-def profile_stage2(run, device: torch.device, path: str) -> None:
-    """``run()`` once under torch.profiler; the table of its costliest operators goes to ``path``."""
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention",
+           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+           "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward")
+
+
+def profile_stage2(run, device: torch.device, path: str) -> float:
+    """``run()`` once under torch.profiler; the table of its costliest operators goes to ``path``. Returns the
+    share of the operators' self time (on the device, or the CPU without one) spent in matmuls and attention: what
+    compiling, which fuses the rest, cannot shorten."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -32,8 +40,14 @@ def profile_stage2(run, device: torch.device, path: str) -> None:
         run()
         sync(device)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
+        f.write(averages.table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
+    # operators only (kernels are listed too, with the time their operator is charged: counted once)
+    self_time = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) or 0) for e in averages
+                 if e.device_type == DeviceType.CPU]
+    total = sum(t for _, t in self_time)
+    return round(sum(t for k, t in self_time if k in MATMULS) / total, 3) if total else 0.0
 
 
 def main() -> None:
@@ -60,6 +74,10 @@ def main() -> None:
                     "(SetScorer share_rows=False, the code before shared rows) and check it keeps the same sets")
     ap.add_argument("--skip-inactive", action="store_true", help="also time Stage 2 with the chain steps whose "
                     "block did not fire skipped (stage2.build_chains_skipping) and check it keeps the same sets")
+    ap.add_argument("--compile-scoring", default=None, metavar="MODE", help="also time batched Stage 2 with "
+                    "compiled decoder layers (SetScorer compile=MODE: inductor or aot_eager; the first run, which "
+                    "compiles, timed apart), with shared rows and, with --rows-off, one row per set; check each "
+                    "keeps the same sets; with --profile, profile each too (FILE.compiled[_rows_off].txt)")
     ap.add_argument("--profile", default=None, metavar="FILE", help="also run batched Stage 2 once under "
                     "torch.profiler and write its 30 costliest operators (by self time on the device, or the CPU "
                     "without one) to FILE: where Stage 2's time goes")
@@ -123,13 +141,15 @@ def main() -> None:
     forwards = {"n": 0}
 
     layer_rows = [0, 0]  # with shared rows: rows computed at the ablated layers, vs one row per set
+    prefix: dict[bool, int] = {}
 
-    def prob(member, share_rows=True):
+    def prob(member, share_rows=True, compile="off"):
         forwards["n"] += member.shape[0]
         # refusal_probs_for_batch, keeping the scorer to read its row counts
         scorer = batch_scorer(model, n_layers, batch, token_ids, saes, cands, member.shape[0],
-                              batch_size=args.batch_size, share=args.share, share_rows=share_rows)
+                              batch_size=args.batch_size, share=args.share, share_rows=share_rows, compile=compile)
         p = scorer(member)
+        prefix[share_rows] = scorer.p0  # positions served from a shared key/value cache (then nothing compiles)
         if share_rows:
             layer_rows[:] = [a + b for a, b in zip(layer_rows, scorer.layer_rows)]
         return p
@@ -151,19 +171,54 @@ def main() -> None:
                stage2_batched_layer_rows_computed_vs_one_per_set=list(layer_rows),
                stage2_sets_scored=forwards["n"],
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
-    if args.profile:
-        profile_stage2(lambda: prune_batched(cands, prob, TAUS, seeds), device, args.profile)
-    if args.rows_off:
-        times_off = []
-        for _ in range(args.repeats):  # as many runs as the shared-rows timing, best kept
+    def timed_variant(runs: int, **kw):
+        """Batched Stage 2 ``runs`` times with ``prob``'s options ``kw``: (seconds per run, kept sets, chains)."""
+        secs = []
+        for _ in range(runs):
             sync(device)
             t0 = time.perf_counter()
-            kept_off, _ = prune_batched(cands, lambda m: prob(m, share_rows=False), TAUS, seeds)
+            kept_v, chains_v = prune_batched(cands, lambda m: prob(m, **kw), TAUS, seeds)
             sync(device)
-            times_off.append(time.perf_counter() - t0)
+            secs.append(time.perf_counter() - t0)
+        return secs, kept_v, chains_v
+
+    def profile_path(tag: str) -> str:
+        return args.profile if not tag else args.profile.replace(".txt", "") + f".{tag}.txt"
+
+    if args.profile:
+        out["profile_matmul_share"] = profile_stage2(lambda: prune_batched(cands, prob, TAUS, seeds), device,
+                                                     profile_path(""))
+    t_off = None
+    if args.rows_off:
+        # as many runs as the shared-rows timing, best kept
+        times_off, kept_off, chains_off = timed_variant(args.repeats, share_rows=False)
         t_off = min(times_off)
+        dp = max(abs(a - b) for c, cc in zip(chains, chains_off) for a, b in zip(c.probs, cc.probs))
         out.update(stage2_rows_off_runs_s=[round(t, 3) for t in times_off], stage2_rows_off_s=round(t_off, 3),
-                   rows_off_same_sets=kept_off == kept, speedup_shared_rows=round(t_off / t_batched, 2))
+                   rows_off_same_sets=kept_off == kept, rows_off_max_abs_p_diff=float(f"{dp:.3g}"),
+                   rows_off_cached_prefix_tokens=prefix[False], speedup_shared_rows=round(t_off / t_batched, 2))
+    if args.compile_scoring:
+        mode = args.compile_scoring
+        # shared rows (as the main timing) and, with --rows-off, one row per set; each variant's first run compiles
+        # (its graphs: a one-row start of shared rows adds one), the best of the later ones is reported
+        # (each compared with its eager variant's P; with a shared key/value cache, nothing compiles: see
+        # rows_off_cached_prefix_tokens)
+        variants = [("", True, t_batched, chains)] + ([("_rows_off", False, t_off, chains_off)] if args.rows_off
+                                                      else [])
+        for tag, rows, eager_s, eager_chains in variants:
+            times_c, kept_c, chains_c = timed_variant(args.repeats + 1, share_rows=rows, compile=mode)
+            t_c = min(times_c[1:])
+            dp = max(abs(a - b) for c, cc in zip(eager_chains, chains_c) for a, b in zip(c.probs, cc.probs))
+            out.update({f"stage2_compiled{tag}_first_s": round(times_c[0], 3),
+                        f"stage2_compiled{tag}_runs_s": [round(t, 3) for t in times_c[1:]],
+                        f"stage2_compiled{tag}_s": round(t_c, 3), f"compiled{tag}_same_sets": kept_c == kept,
+                        f"compiled{tag}_max_abs_p_diff": float(f"{dp:.3g}"),
+                        f"speedup_compiled{tag}": round(eager_s / t_c, 2)})
+            if args.profile:
+                out[f"profile_compiled{tag}_matmul_share"] = profile_stage2(
+                    lambda: prune_batched(cands, lambda m: prob(m, share_rows=rows, compile=mode), TAUS, seeds),
+                    device, profile_path(f"compiled{tag}"))
+        out["compile_scoring"] = mode
     if args.skip_inactive:
         from refusalscope.stages.stage2 import build_chains_skipping
 

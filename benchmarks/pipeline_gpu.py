@@ -152,6 +152,9 @@ def parse_args(argv):
     ap.add_argument("--compile-generation", default="off", choices=MODES,
                     help="decode with a static cache and a compiled step (lm.compiled); the reference stays eager "
                     "and compile time counts in the first prompt's seconds")
+    ap.add_argument("--compile-scoring", default="off", choices=MODES,
+                    help="Stage-2 scoring forwards through compiled decoder layers (lm.compiled_layers); compile time "
+                    "counts in the first prompt's Stage 2")
     ap.add_argument("--direction-prompts", type=int, default=32, help="prompts per side for the direction step")
     ap.add_argument("--set-size", type=int, default=20, help="features of the Stage-2 set the later steps use")
     ap.add_argument("--setup-only", action="store_true", help="build the model and SAEs, print the setup's time "
@@ -273,6 +276,7 @@ def main(argv=None) -> dict:
                  "generation_batch": args.batch_size * args.prompt_batch,
                  "judge": judge.name + " (worst case: every sweep runs to its cap)",
                  "shared_rows": args.shared_rows, "compile_generation": args.compile_generation,
+                 "compile_scoring": args.compile_scoring,
                  "setup_s": {"model": round(env["model_s"], 2), "saes": round(env["saes_s"], 2)}}
     if device.type == "cuda":
         out["setup_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -290,14 +294,15 @@ def main(argv=None) -> dict:
         ranked = ranked_latents(stage_saes, direction, args.k_cap)
     out["ranking_s_per_run"] = round(m.seconds, 2)
 
-    def context(batch_size: int, skip=None, compile: str = "off") -> StageContext:
+    def context(batch_size: int, skip=None, compile: str = "off", compile_scoring: str = "off") -> StageContext:
         return StageContext(lm, {**fm_saes, **stage_saes}, judge, max_new_tokens=args.max_new_tokens,
                             batch_size=batch_size, score_batch_size=args.score_batch_size, cache=CompletionCache(),
-                            skip_inactive=skip, share_rows=args.shared_rows == "on", compile=compile)
+                            skip_inactive=skip, share_rows=args.shared_rows == "on", compile=compile,
+                            compile_scoring=compile_scoring)
 
     skip = {"on": True, "off": False}.get(args.stage2_skip)
     # a group's rows share generation batches
-    ctx = context(args.batch_size * args.prompt_batch, skip, args.compile_generation)
+    ctx = context(args.batch_size * args.prompt_batch, skip, args.compile_generation, args.compile_scoring)
     opts = Stage3Options(k_values=_k_values(args.stage3_k), probe_k=_k_values(args.probe_k), k_chunk=args.k_chunk)
     prompts = synthetic_prompts(args.prompts)
     cands = candidate_set(ranked, args.k_cap)
@@ -347,7 +352,8 @@ def main(argv=None) -> dict:
                                          prompt_id=i) for i, p in group])
         for r3 in timed("stage3", [stage3_flow(ctx, i, p, chosen_sets[p], 0.1, models, opts, {}) for i, p in group]):
             detail["stage3_rows"].append(len(r3.sweep) + (r3.stage3_only is not None))
-        if args.compile_generation != "off":  # compiled decode steps so far (a new shape bucket adds one)
+        if {args.compile_generation, args.compile_scoring} != {"off"}:  # compiled graphs so far (decode steps,
+            # decoder layers; a new shape bucket or layer kind adds one)
             from torch._dynamo.utils import counters
 
             detail.setdefault("compiled_graphs", []).append(int(counters["stats"]["unique_graphs"]))

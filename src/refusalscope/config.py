@@ -230,6 +230,11 @@ class RunSettings(ModelOptions):
         "(inductor, on a GPU; aot_eager: capture only, for tests); shapes are bucketed so compiled steps are reused; "
         "auto: inductor on a GPU when the run has at least --compile-min-prompts refused prompts and no TopK SAEs, "
         "else off")
+    # our choice: off until a GPU measures it (benchmarks/gpu_checks.sh stage2); on 2 CPU cores it gained
+    # 0.94-1.16x, within noise, since matmuls are 80 % of Stage 2's time there (RESULTS.md)
+    compile_scoring: Literal["off", "inductor", "aot_eager"] = Field(  # lm.compiled.MODES
+        "off", description="Stage-2 scoring forwards run compiled decoder layers (inductor fuses the element-wise "
+        "work between matmuls; aot_eager: capture only, for tests); the same P up to float rounding")
     compile_min_prompts: int = Field(64, ge=0, description="auto compile: the fewest prompts per process (with "
                                      "--ray-workers N, the run's share of N) worth its one-time compile (minutes "
                                      "on a GPU)")  # lm.compiled.AUTO_MIN_PROMPTS

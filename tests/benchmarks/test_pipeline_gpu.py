@@ -62,3 +62,18 @@ def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeyp
     warm = sum(out["per_prompt"][s]["seconds"][1] for s in ("stage1", "stage2", "controls", "stage3"))
     assert total["warm_fast_s"] == pytest.approx(warm, abs=5e-3)
     assert total["warm_ratio"] == pytest.approx(total["reference_s"] / total["warm_fast_s"], rel=0.02, abs=0.01)
+
+
+def test_pipeline_benchmark_compiles_scoring_layers_once(tmp_path, monkeypatch):
+    """With --compile-scoring the second prompt's Stage 2 reuses the first prompt's compiled decoder layers, and
+    the fast path still keeps the reference's sets."""
+    import torch._dynamo
+
+    bench = load_benchmark(monkeypatch, "pipeline_gpu")
+    torch._dynamo.reset()
+    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--reference-prompts", "1",
+                      "--compile-scoring", "aot_eager"])
+    graphs = out["detail"]["compiled_graphs"]
+    assert out["compile_scoring"] == "aot_eager" and len(graphs) == 2
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    assert out["reference"]["stage2"]["same_sets"] == "1 of 1"

@@ -146,6 +146,7 @@ class FinishedRun:
                             score_batch_size=cfg.get("stage2_batch_size"),
                             share_rows=bool(cfg.get("shared_rows", True)),
                             compile=self.compile_mode(lm, saes),
+                            compile_scoring=cfg.get("compile_scoring", "off"),
                             cache=CompletionCache(self.store.path("completions.sqlite")))
 
     def compile_mode(self, lm, saes: Mapping | None = None) -> str:

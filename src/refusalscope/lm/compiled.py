@@ -120,9 +120,9 @@ def release(model: torch.nn.Module | None = None) -> None:
 
 
 @contextmanager
-def compile_errors(mode: str):
-    """A failure of torch.compile inside ``generate`` as one clear error naming the way out (finished prompts are
-    kept, so rerunning with compilation off loses nothing)."""
+def compile_errors(mode: str, what: str = "generation", flag: str = "--compile-generation"):
+    """A failure of torch.compile inside the block (``what`` is compiled) as one clear error naming the way out,
+    ``flag`` off (finished prompts are kept, so rerunning with compilation off loses nothing)."""
     import torch._dynamo.exc
 
     try:
@@ -132,8 +132,8 @@ def compile_errors(mode: str):
             raise
         cause = getattr(err, "inner_exception", None) or err  # a compiler's own error, wrapped by dynamo
         first = (str(cause).strip().splitlines() or [""])[0]
-        raise RefusalScopeError(f"compiled generation ({mode}) failed: {type(cause).__name__}: {first[:300]}; rerun "
-                                "with --compile-generation off") from err
+        raise RefusalScopeError(f"compiled {what} ({mode}) failed: {type(cause).__name__}: {first[:300]}; rerun "
+                                f"with {flag} off") from err
 
 
 def generate_kwargs(mode: str, device: torch.device) -> dict:

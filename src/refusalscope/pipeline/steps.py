@@ -284,6 +284,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         share_rows=settings.shared_rows,
         early_stop=settings.early_stop,
         compile=choose_mode(settings.compile_generation, lm.device, saes),
+        compile_scoring=settings.compile_scoring,
     )
 
 

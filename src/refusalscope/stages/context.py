@@ -125,6 +125,9 @@ class StageContext:
     # decode with a static cache and a compiled step (``lm.compiled.MODES``); ablations are padded to bucketed
     # shapes so compiled steps are reused; a run resolves its "auto" first (``lm.compiled.choose_mode``)
     compile: str = "off"
+    # Stage-2 scoring forwards through compiled decoder layers (``lm.compiled_layers``; a mode of
+    # ``lm.compiled.MODES``)
+    compile_scoring: str = "off"
     _clean: dict = field(default_factory=dict, repr=False)  # prompt -> its clean activations (``activations``)
     _clean_kept: int = field(default=4, repr=False)  # how many prompts' clean activations are kept
 
@@ -211,12 +214,13 @@ class StageContext:
     def scorer(self, prompt: str, candidates: Sequence[Feature]) -> SetScorer:
         """P(refusal) of ``prompt`` under any subsets of ``candidates``, shared work prepared once."""
         return prompt_scorer(self.lm, prompt, self.saes, candidates, batch_size=self.scoring_batch,
-                             share_rows=self.share_rows)
+                             share_rows=self.share_rows, compile=self.compile_scoring)
 
     def refusal_probs(self, prompt: str, candidates: Sequence[Feature], member: torch.Tensor) -> torch.Tensor:
         """P(refusal) at the last prompt position with each row of ``member`` ablated (paper, Eq. 1's P(p, A))."""
         return refusal_probs(self.lm, prompt, self.saes, [], candidates=candidates, member=member,
-                             batch_size=self.scoring_batch, share_rows=self.share_rows)
+                             batch_size=self.scoring_batch, share_rows=self.share_rows,
+                             compile=self.compile_scoring)
 
     def activations(self, prompt: str, features: Iterable[Feature] | None = None,
                     ablate: Iterable[Feature] = ()) -> dict[Feature, float]:

@@ -14,6 +14,7 @@ import torch
 from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import CandidatePlans, LatentAblation
 from refusalscope.interventions.shared_rows import SharedRowAblation
+from refusalscope.lm.compiled_layers import compiled_layers
 from refusalscope.lm.hooks import batch_context, hooked, layer_outputs, replaying
 from refusalscope.lm.loading import LoadedModel, cache_argument
 from refusalscope.lm.prompts import format_chat, tokenize
@@ -57,11 +58,15 @@ class SetScorer:
     latents that fired (``share_rows``, ``interventions.shared_rows``): a chain step costs a row only from its
     block's first firing layer. All give the same result, up to float rounding that depends on batch shapes. The
     candidates' SAE columns are sliced (and moved to the model's device) once, too.
+
+    ``compile``: the decoder layers of the scoring forwards run compiled (``lm.compiled_layers``; a mode of
+    ``lm.compiled.MODES``), except with a shared key/value cache; the same P up to float rounding.
     """
 
     def __init__(self, model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                  token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
-                 batch_size: int = 32, fast: bool = True, share: str = "auto", share_rows: bool = True):
+                 batch_size: int = 32, fast: bool = True, share: str = "auto", share_rows: bool = True,
+                 compile: str = "off"):
         if share not in ("auto", "positions", "layers", "none"):
             raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
         self.model, self.n_layers, self.batch = model, n_layers, dict(batch)
@@ -72,6 +77,7 @@ class SetScorer:
         self.p0, self.cache, self.outs = 0, None, {}
         self.rows_scored = 0  # sets run through the model so far (what a caller's savings are measured in)
         self.share_rows = share_rows and share != "none"
+        self.compile = compile
         self.layer_rows = [0, 0]  # rows computed at the ablated layers: with row sharing, without it
         if share != "none" and len(candidates):
             T = batch["input_ids"].shape[1]
@@ -100,7 +106,9 @@ class SetScorer:
         (z > 0 at some position) in that row's forward."""
         out = torch.empty(member.shape[0], dtype=torch.float64)
         fired_out = torch.zeros(member.shape[0], self.n, dtype=torch.bool)
-        with replaying(self.model, self.outs):
+        # our choice: not with a shared key/value cache, whose update dynamo would trace per cache object
+        mode = self.compile if self.cache is None else "off"
+        with replaying(self.model, self.outs), compiled_layers(self.model, mode):
             for start in range(0, member.shape[0], self.batch_size):
                 chunk = member[start:start + self.batch_size].to(self.device)
                 sink: dict[int, list[torch.Tensor]] | None = {} if fired else None
@@ -148,37 +156,38 @@ class SetScorer:
 
 def batch_scorer(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor], token_ids: Sequence[int],
                  saes: Mapping[int, Sae], candidates: Sequence[Feature], rows: int, *, batch_size: int = 32,
-                 fast: bool = True, share: str = "auto", share_rows: bool = True) -> SetScorer:
+                 fast: bool = True, share: str = "auto", share_rows: bool = True, compile: str = "off") -> SetScorer:
     """A ``SetScorer`` for one call of ``rows`` sets: shared work only when there is more than one row (one row
     has nothing to share it with)."""
     if share not in ("auto", "positions", "layers", "none"):
         raise ValueError(f"share must be auto, positions, layers or none, not {share!r}")
     return SetScorer(model, n_layers, batch, token_ids, saes, candidates, batch_size=batch_size, fast=fast,
-                     share=share if rows > 1 else "none", share_rows=share_rows)
+                     share=share if rows > 1 else "none", share_rows=share_rows, compile=compile)
 
 
 def refusal_probs_for_batch(model: torch.nn.Module, n_layers: int, batch: Mapping[str, torch.Tensor],
                             token_ids: Sequence[int], saes: Mapping[int, Sae], candidates: Sequence[Feature],
                             member: torch.Tensor, *, batch_size: int = 32, fast: bool = True,
-                            share: str = "auto", share_rows: bool = True) -> torch.Tensor:
+                            share: str = "auto", share_rows: bool = True, compile: str = "off") -> torch.Tensor:
     """P(refusal tokens) at the last position of one tokenized prompt (1, T), float64, one value per row of
     ``member`` (R, len(candidates)): the row's marked candidates are ablated (``batch_scorer`` for one call)."""
     return batch_scorer(model, n_layers, batch, token_ids, saes, candidates, member.shape[0], batch_size=batch_size,
-                        fast=fast, share=share, share_rows=share_rows)(member)
+                        fast=fast, share=share, share_rows=share_rows, compile=compile)(member)
 
 
 def prompt_scorer(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], candidates: Sequence[Feature], *,
                   batch_size: int = 32, fast: bool = True, share: str = "auto",
-                  share_rows: bool = True) -> SetScorer:
+                  share_rows: bool = True, compile: str = "off") -> SetScorer:
     """A ``SetScorer`` of one chat-formatted prompt with the model's refusal tokens."""
     batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
     return SetScorer(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, batch_size=batch_size,
-                     fast=fast, share=share, share_rows=share_rows)
+                     fast=fast, share=share, share_rows=share_rows, compile=compile)
 
 
 def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: Sequence[Iterable[Feature]], *,
                   batch_size: int = 32, fast: bool = True, candidates: Sequence[Feature] | None = None,
-                  member: torch.Tensor | None = None, share_rows: bool = True) -> torch.Tensor:
+                  member: torch.Tensor | None = None, share_rows: bool = True,
+                  compile: str = "off") -> torch.Tensor:
     """P(refusal token) at the last prompt position with each set ablated, (len(sets),) float64.
 
     Sets can be given as lists, or as ``candidates`` + a boolean ``member`` matrix (then ``sets`` is ignored).
@@ -189,4 +198,4 @@ def refusal_probs(lm: LoadedModel, prompt: str, saes: Mapping[int, Sae], sets: S
         candidates = sorted({(int(layer), int(i)) for s in sets for layer, i in s})
         member = membership(candidates, sets)
     return refusal_probs_for_batch(lm.model, lm.n_layers, batch, lm.refusal_token_ids(), saes, candidates, member,
-                                   batch_size=batch_size, fast=fast, share_rows=share_rows)
+                                   batch_size=batch_size, fast=fast, share_rows=share_rows, compile=compile)
