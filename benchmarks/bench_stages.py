@@ -24,7 +24,8 @@ TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention",
            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
-           "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward")
+           "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
+           "aten::_efficient_attention_forward")
 
 
 def profile_stage2(run, device: torch.device, path: str) -> float:
@@ -48,6 +49,13 @@ def profile_stage2(run, device: torch.device, path: str) -> float:
                  if e.device_type == DeviceType.CPU]
     total = sum(t for _, t in self_time)
     return round(sum(t for k, t in self_time if k in MATMULS) / total, 3) if total else 0.0
+
+
+def partial(out: dict) -> None:
+    """The results so far, as one line on stderr: a run stopped by a time limit still shows what it measured."""
+    import sys
+
+    print("partial:", json.dumps(out), file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -149,7 +157,8 @@ def main() -> None:
         scorer = batch_scorer(model, n_layers, batch, token_ids, saes, cands, member.shape[0],
                               batch_size=args.batch_size, share=args.share, share_rows=share_rows, compile=compile)
         p = scorer(member)
-        prefix[share_rows] = scorer.p0  # positions served from a shared key/value cache (then nothing compiles)
+        # the most positions served from a shared key/value cache (then nothing compiles), per row sharing
+        prefix[share_rows] = max(prefix.get(share_rows, 0), scorer.p0)
         if share_rows:
             layer_rows[:] = [a + b for a, b in zip(layer_rows, scorer.layer_rows)]
         return p
@@ -170,7 +179,9 @@ def main() -> None:
     out.update(candidates=len(cands), seeds=seeds, taus=TAUS, stage2_batched_s=round(t_batched, 3),
                stage2_batched_layer_rows_computed_vs_one_per_set=list(layer_rows),
                stage2_sets_scored=forwards["n"],
-               kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS})
+               kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS},
+               cached_prefix_tokens=prefix[True])
+    partial(out)
     def timed_variant(runs: int, **kw):
         """Batched Stage 2 ``runs`` times with ``prob``'s options ``kw``: (seconds per run, kept sets, chains)."""
         secs = []
@@ -197,16 +208,20 @@ def main() -> None:
         out.update(stage2_rows_off_runs_s=[round(t, 3) for t in times_off], stage2_rows_off_s=round(t_off, 3),
                    rows_off_same_sets=kept_off == kept, rows_off_max_abs_p_diff=float(f"{dp:.3g}"),
                    rows_off_cached_prefix_tokens=prefix[False], speedup_shared_rows=round(t_off / t_batched, 2))
+        partial(out)
     if args.compile_scoring:
+        from torch._dynamo.utils import counters
+
         mode = args.compile_scoring
-        # shared rows (as the main timing) and, with --rows-off, one row per set; each variant's first run compiles
-        # (its graphs: a one-row start of shared rows adds one), the best of the later ones is reported
-        # (each compared with its eager variant's P; with a shared key/value cache, nothing compiles: see
-        # rows_off_cached_prefix_tokens)
+        # shared rows (as the main timing) and, with --rows-off, one row per set, each compared with its eager
+        # variant's P; the first run of the first variant compiles (the second reuses its graphs unless it needs a
+        # new kind), the best of the later runs is reported; with a shared key/value cache nothing compiles (see
+        # cached_prefix_tokens), and compiled_graphs counts dynamo's graphs after each variant
         variants = [("", True, t_batched, chains)] + ([("_rows_off", False, t_off, chains_off)] if args.rows_off
                                                       else [])
         for tag, rows, eager_s, eager_chains in variants:
             times_c, kept_c, chains_c = timed_variant(args.repeats + 1, share_rows=rows, compile=mode)
+            out.setdefault("compiled_graphs", []).append(int(counters["stats"]["unique_graphs"]))
             t_c = min(times_c[1:])
             dp = max(abs(a - b) for c, cc in zip(eager_chains, chains_c) for a, b in zip(c.probs, cc.probs))
             out.update({f"stage2_compiled{tag}_first_s": round(times_c[0], 3),
@@ -218,6 +233,7 @@ def main() -> None:
                 out[f"profile_compiled{tag}_matmul_share"] = profile_stage2(
                     lambda: prune_batched(cands, lambda m: prob(m, share_rows=rows, compile=mode), TAUS, seeds),
                     device, profile_path(f"compiled{tag}"))
+            partial(out)
         out["compile_scoring"] = mode
     if args.skip_inactive:
         from refusalscope.stages.stage2 import build_chains_skipping

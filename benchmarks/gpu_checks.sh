@@ -12,7 +12,8 @@
 #   --compile-generation inductor (3: compile time lands in the first prompt, the later are warm; the eager
 #   reference forms on the first, for the ratio) and with eager generation (2)
 #   lockstep (~9.5 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k, compiled, 32 prompts in
-#   two lockstep groups of 16 (the AdvBench-520 estimate), then the reference forms on one prompt (the ratio)
+#   two lockstep groups of 16 (the AdvBench-520 estimate), then the reference forms on one prompt (the ratio);
+#   SCORING=inductor also compiles Stage 2's scoring layers (--compile-scoring; see the stage2 mode)
 #   profile (~2.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes under torch.profiler (its costliest operators)
 #   stage2 (~4.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes, eager and through compiled decoder layers
 #   (--compile-scoring inductor), each with shared rows and with one row per set, every variant also profiled
@@ -70,7 +71,7 @@ run_lockstep() {
     echo "== gemma-2-2b, 65k, 32 prompts in lockstep groups of 16, --compile-generation inductor, reference on one"
     timeout "${LOCKSTEP_S:-490}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 32 --prompt-batch 16 --reference-prompts 1 --compile-generation inductor \
-        --json "$OUT/gemma65k_lockstep16_compiled.json"
+        --compile-scoring "${SCORING:-off}" --json "$OUT/gemma65k_lockstep16_compiled.json"
 }
 
 run_profile() {

@@ -234,7 +234,8 @@ class RunSettings(ModelOptions):
     # 0.94-1.16x, within noise, since matmuls are 80 % of Stage 2's time there (RESULTS.md)
     compile_scoring: Literal["off", "inductor", "aot_eager"] = Field(  # lm.compiled.MODES
         "off", description="Stage-2 scoring forwards run compiled decoder layers (inductor fuses the element-wise "
-        "work between matmuls; aot_eager: capture only, for tests); the same P up to float rounding")
+        "work between matmuls; aot_eager: capture only, for tests); the same P up to float rounding; not when a "
+        "scorer shares the key/value cache of a prefix no candidate touches")
     compile_min_prompts: int = Field(64, ge=0, description="auto compile: the fewest prompts per process (with "
                                      "--ray-workers N, the run's share of N) worth its one-time compile (minutes "
                                      "on a GPU)")  # lm.compiled.AUTO_MIN_PROMPTS

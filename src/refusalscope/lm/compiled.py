@@ -136,20 +136,25 @@ def compile_errors(mode: str, what: str = "generation", flag: str = "--compile-g
                                 f"with {flag} off") from err
 
 
-def generate_kwargs(mode: str, device: torch.device) -> dict:
-    """The ``model.generate`` arguments of ``mode`` besides the cache: transformers' compile config. Also sets two
-    process-wide torch settings: the recompile limit (raised to ``RECOMPILE_LIMIT``) and no duck shaping."""
-    if check_mode(mode) == "off":
-        return {}
-    from transformers import CompileConfig
-
+def symbolic_sizes() -> None:
+    """The process-wide torch settings every compile here needs: the recompile limit raised to ``RECOMPILE_LIMIT``,
+    and no duck shaping (it gives equal sizes one symbol: a first call whose row count equals a head count of the
+    key/value cache would tie the two, and the next row count would compile a second graph)."""
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    # duck shaping gives equal sizes one symbol: a first call whose row count equals the cache's head count would
-    # tie the rows to it, and the next row count would compile a second graph
     fx_config.use_duck_shape = False
+
+
+def generate_kwargs(mode: str, device: torch.device) -> dict:
+    """The ``model.generate`` arguments of ``mode`` besides the cache: transformers' compile config. Also sets the
+    process-wide ``symbolic_sizes``."""
+    if check_mode(mode) == "off":
+        return {}
+    from transformers import CompileConfig
+
+    symbolic_sizes()
     # our choice: dynamic=True, every bucketed size its own symbol from the first graph on (with no duck shaping and
     # at least 2 rows): one compiled graph per process where dynamo's default (a static graph, then a recompile
     # per kind of size that changes) made 4 (CPU toy, RESULTS.md). CUDA graphs are still recorded per concrete

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from refusalscope.lm.compiled import RECOMPILE_LIMIT, check_mode, compile_errors
+from refusalscope.lm.compiled import check_mode, compile_errors, symbolic_sizes
 from refusalscope.lm.hooks import decoder_layers
 
 _COMPILED: dict[tuple[type, str], Callable] = {}
@@ -35,11 +35,10 @@ def layer_forward(layer_class: type, mode: str) -> Callable:
     """The process's compiled ``forward`` of ``layer_class`` in ``mode`` (made on first use)."""
     key = (layer_class, check_mode(mode))
     if key not in _COMPILED:
-        import torch._dynamo.config as dynamo_config
-        import torch.fx.experimental._config as fx_config
-
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-        fx_config.use_duck_shape = False  # a batch size equal to a head count must not tie the two
+        symbolic_sizes()
+        # our choice: dynamic=True, rows and length symbolic from the first graph on, as for generation
+        # (lm.compiled): shared rows change the row count from layer to layer, prompts their length; inductor's
+        # default mode, no CUDA graphs (a scoring forward of ~1,000 rows is not launch-bound)
         _COMPILED[key] = torch.compile(layer_class.forward, backend=mode, dynamic=True)
     return _COMPILED[key]
 

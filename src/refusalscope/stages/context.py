@@ -20,7 +20,7 @@ from refusalscope.lm.inference import generate
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.saes.features import Feature, active_features, as_latent_set, features_of
 from refusalscope.saes.sae import Sae
-from refusalscope.stages.scoring import SetScorer, prompt_scorer, refusal_probs
+from refusalscope.stages.scoring import SetScorer, prompt_scorer
 
 
 # A per-prompt piece of stage logic written as a generator: it yields the (prompt, ablated set) pairs it needs
@@ -215,12 +215,6 @@ class StageContext:
         """P(refusal) of ``prompt`` under any subsets of ``candidates``, shared work prepared once."""
         return prompt_scorer(self.lm, prompt, self.saes, candidates, batch_size=self.scoring_batch,
                              share_rows=self.share_rows, compile=self.compile_scoring)
-
-    def refusal_probs(self, prompt: str, candidates: Sequence[Feature], member: torch.Tensor) -> torch.Tensor:
-        """P(refusal) at the last prompt position with each row of ``member`` ablated (paper, Eq. 1's P(p, A))."""
-        return refusal_probs(self.lm, prompt, self.saes, [], candidates=candidates, member=member,
-                             batch_size=self.scoring_batch, share_rows=self.share_rows,
-                             compile=self.compile_scoring)
 
     def activations(self, prompt: str, features: Iterable[Feature] | None = None,
                     ablate: Iterable[Feature] = ()) -> dict[Feature, float]:
