@@ -132,6 +132,8 @@ def parse_args(argv):
     ap.add_argument("--prompts", type=int, default=3, help="prompts timed")
     ap.add_argument("--reference-prompts", type=int, default=1, help="prompts the reference forms run on")
     ap.add_argument("--reference-pairs", type=int, default=1, help="(τ, seed) pairs of the Stage-2 reference")
+    ap.add_argument("--estimate-prompts", type=int, default=520, help="also estimate a run of this many prompts "
+                    "(AdvBench: 520) from the setup, the first group and the later prompts' mean")
     ap.add_argument("--k-cap", type=int, default=200)
     ap.add_argument("--k-step", type=int, default=10)
     ap.add_argument("--k-chunk", type=int, default=5, help="K values per generation batch in the Stage-1 and "
@@ -365,9 +367,11 @@ def main(argv=None) -> dict:
                          for s, t in times.items()}
     out["per_prompt_total_s"] = round(sum(v["seconds_mean"] for v in out["per_prompt"].values()), 3)
     out["detail"] = detail
+    out["estimate"] = run_estimate(out, times, G, args.estimate_prompts)
     # printed before the reference forms run, so a run stopped during them still reports the fast path
     print("fast path:", json.dumps({"per_prompt": out["per_prompt"], "detail": detail,
-                                    "direction_s_per_run": out["direction_s_per_run"]}), flush=True)
+                                    "direction_s_per_run": out["direction_s_per_run"],
+                                    "estimate": out["estimate"]}), flush=True)
     if device.type == "cuda":
         print(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB", flush=True)
 
@@ -432,6 +436,23 @@ def main(argv=None) -> dict:
     return out
 
 
+def run_estimate(out: dict, times: dict[str, list[float]], group: int, n: int) -> dict | None:
+    """Minutes a run of ``n`` prompts would take at this benchmark's sweep sizes: the once-per-run work (model and
+    SAE setup, direction step, Stage-1 ranking), the first group of prompts (which pays any compiling) and
+    n − group more prompts at the mean of the prompts after the first group; None without such prompts. The
+    Stage-3 factorization machine's training and its activation pass are not included (FM training at the Gemma
+    size took 1-2 s on an H100/H200, RESULTS.md "Factorization-machine training")."""
+    later = [sum(t[i] for t in times.values()) for i in range(group, len(next(iter(times.values()))))]
+    if not later or n < group:
+        return None
+    once = sum(out["setup_s"].values()) + out["direction_s_per_run"] + out["ranking_s_per_run"]
+    first = sum(sum(t[:group]) for t in times.values())
+    per_prompt = sum(later) / len(later)
+    return {"prompts": n, "minutes": round((once + first + (n - group) * per_prompt) / 60, 1),
+            "once_s": round(once, 2), "first_group_s": round(first, 2), "later_s_per_prompt": round(per_prompt, 3),
+            "excludes": "Stage-3 FM training and its activation pass"}
+
+
 def print_table(out: dict) -> None:
     mem = "peak_gpu_mb" if "peak_gpu_mb" in out else "rss_high_water_mb"
     print(f"{out['shape']} ({out['n_layers']} layers, d {out['d_model']}, {out['model_dtype']}), SAEs "
@@ -450,6 +471,11 @@ def print_table(out: dict) -> None:
             else ""
         print(f"all stages, first prompt(s): reference {total['reference_s']} s, fast {total['fast_s']} s, "
               f"{total['ratio']}x{warm}", flush=True)
+    est = out.get("estimate")
+    if est:
+        print(f"estimate for {est['prompts']} prompts at these sweep sizes: {est['minutes']} min ({est['once_s']} s "
+              f"once, {est['first_group_s']} s the first group, {est['later_s_per_prompt']} s per later prompt; "
+              f"without {est['excludes']})", flush=True)
     if "same_sets" in out["reference"].get("stage2", {}):
         print(f"Stage-2 sets equal to the sequential reference's: {out['reference']['stage2']['same_sets']} "
               f"(tau, seed) pairs", flush=True)

@@ -30,6 +30,7 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
                                                      ("stage1", "stage2", "controls", "stage3")), abs=5e-3)
     assert total["ratio"] == pytest.approx(total["reference_s"] / total["fast_s"], rel=0.02, abs=0.01)
     assert "warm_ratio" not in total  # both prompts ran in the first group: no warm prompt to compare
+    assert out["estimate"] is None  # nor one to estimate a longer run from
     assert out["direction_s_per_run"] > 0 and out["ranking_s_per_run"] >= 0
     # worst case, whatever the random model says: Stage 1 tries every K, Stage 2 covers the whole chain of all
     # three seeds (scored or exactly skipped), Stage 3 judges every K of the sweep, the probe's and Stage-3 only
@@ -64,6 +65,12 @@ def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeyp
     warm = sum(out["per_prompt"][s]["seconds"][1] for s in ("stage1", "stage2", "controls", "stage3"))
     assert total["warm_fast_s"] == pytest.approx(warm, abs=5e-3)
     assert total["warm_ratio"] == pytest.approx(total["reference_s"] / total["warm_fast_s"], rel=0.02, abs=0.01)
+    # AdvBench-520 at these sweep sizes: once-per-run work, the first prompt, 519 more at the second's time
+    est = out["estimate"]
+    once = sum(out["setup_s"].values()) + out["direction_s_per_run"] + out["ranking_s_per_run"]
+    first = sum(out["per_prompt"][s]["seconds"][0] for s in ("stage1", "stage2", "controls", "stage3"))
+    assert est["prompts"] == 520 and est["later_s_per_prompt"] == pytest.approx(warm, abs=5e-3)
+    assert est["minutes"] == pytest.approx((once + first + 519 * warm) / 60, abs=0.1)
 
 
 def test_pipeline_benchmark_compiles_scoring_layers_once(tmp_path, monkeypatch):
