@@ -193,3 +193,17 @@ def test_auto_compile_counts_the_runs_prompts_and_leaves_the_device_to_each_proc
     assert ctx.compile == "inductor"
     ctx = steps.stage_context(gpu, saes["topk"], FakeJudge.always(), auto, RunStore(tmp_path / "run"))
     assert ctx.compile == "off"  # TopK SAEs stay eager under auto
+
+
+def test_compile_scoring_reaches_the_stage_scorers(tmp_path, tiny_lm):
+    """--compile-scoring (off by default) is what every Stage-2 scorer of the run's context compiles with."""
+    from refusalscope.store import RunStore
+
+    saes = {3: random_sae("jumprelu", d=tiny_lm.d_model, m=16, layer=3)}
+    base = RunSettings(out=tmp_path / "run")
+    assert base.compile_scoring == "off"
+    for setting in ("off", "aot_eager"):
+        ctx = steps.stage_context(tiny_lm, saes, FakeJudge.always(),
+                                  base.model_copy(update={"compile_scoring": setting}), RunStore(tmp_path / "run"))
+        assert ctx.compile_scoring == setting
+        assert ctx.scorer("Hi there", [(3, 1), (3, 2)]).compile == setting
