@@ -182,6 +182,7 @@ def main() -> None:
                kept_sizes={f"{t:g}": [len(kept[(t, s)]) for s in seeds] for t in TAUS},
                cached_prefix_tokens=prefix[True])
     partial(out)
+
     def timed_variant(runs: int, **kw):
         """Batched Stage 2 ``runs`` times with ``prob``'s options ``kw``: (seconds per run, kept sets, chains)."""
         secs = []
