@@ -538,3 +538,32 @@ def load_benchmark(monkeypatch, name: str):
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
+
+
+# --- torch.compile -------------------------------------------------------------------------------------------------
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo compiled in this process since its counters were last cleared (``torch._dynamo.reset()``
+    keeps them: clear ``torch._dynamo.utils.counters`` too where a test counts from zero)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def broken_compile_mode(monkeypatch) -> str:
+    """A compile mode whose backend fails on every graph ("no kernel for this op"), registered under a fresh
+    name (a backend name registers once per process) and accepted by ``lm.compiled.check_mode`` for the test."""
+    import uuid
+
+    from torch._dynamo.backends.registry import register_backend
+
+    import refusalscope.lm.compiled as compiled
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no kernel for this op")
+
+    name = f"refusalscope_broken_{uuid.uuid4().hex}"
+    register_backend(name=name)(broken)
+    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, name))
+    return name

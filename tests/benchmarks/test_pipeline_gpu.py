@@ -49,17 +49,7 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
 def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeypatch):
     """With --compile-generation the second prompt reuses the first prompt's compiled decode steps (padded
     ablations, bucketed rows and prompt length): no new graph after the first prompt."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    bench = load_benchmark(monkeypatch, "pipeline_gpu")
-    torch._dynamo.reset()
-    counters.clear()  # reset() keeps dynamo's counters, which the benchmark reports
-    out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--reference-prompts", "1",
-                      "--compile-generation", "aot_eager"])
-    graphs = out["detail"]["compiled_graphs"]
-    assert out["compile_generation"] == "aot_eager" and len(graphs) == 2
-    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    out = _compiled_toy(monkeypatch, "--compile-generation")
     # the first prompt pays the compiles; the ratio against the second one leaves them out
     total = out["reference"]["total"]
     warm = sum(out["per_prompt"][s]["seconds"][1] for s in ("stage1", "stage2", "controls", "stage3"))
@@ -76,6 +66,13 @@ def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeyp
 def test_pipeline_benchmark_compiles_scoring_layers_once(tmp_path, monkeypatch):
     """With --compile-scoring the second prompt's Stage 2 reuses the first prompt's compiled decoder layers, and
     the fast path still keeps the reference's sets."""
+    out = _compiled_toy(monkeypatch, "--compile-scoring")
+    assert out["reference"]["stage2"]["same_sets"] == "1 of 1"
+
+
+def _compiled_toy(monkeypatch, flag: str) -> dict:
+    """The toy benchmark on 2 prompts (reference forms on the first) with ``flag`` aot_eager, from a fresh dynamo;
+    asserts that the second prompt compiled no new graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -83,8 +80,8 @@ def test_pipeline_benchmark_compiles_scoring_layers_once(tmp_path, monkeypatch):
     torch._dynamo.reset()
     counters.clear()  # reset() keeps dynamo's counters, which the benchmark reports
     out = bench.main(["--toy", "--prompts", "2", "--direction-prompts", "2", "--reference-prompts", "1",
-                      "--compile-scoring", "aot_eager"])
+                      flag, "aot_eager"])
     graphs = out["detail"]["compiled_graphs"]
-    assert out["compile_scoring"] == "aot_eager" and len(graphs) == 2
+    assert out[flag[2:].replace("-", "_")] == "aot_eager" and len(graphs) == 2
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
-    assert out["reference"]["stage2"]["same_sets"] == "1 of 1"
+    return out

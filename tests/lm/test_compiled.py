@@ -13,7 +13,7 @@ from typing import get_args
 import pytest
 import torch
 
-from helpers import FakeJudge, random_sae
+from helpers import FakeJudge, broken_compile_mode, compiled_graphs, random_sae
 from refusalscope.errors import RefusalScopeError
 from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import LatentAblation
@@ -26,12 +26,6 @@ from refusalscope.saes.features import Feature
 from refusalscope.stages.context import CompletionCache, StageContext
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke about the sea, please.", "Hi", "Explain tides in one line."]
-
-
-def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])  # compiled graphs so far (dynamo's counter)
 
 
 def test_buckets_round_up_to_powers_of_two():
@@ -143,12 +137,12 @@ def test_compiled_generation_equals_eager_and_reuses_its_graph(arch, tiny_dirs):
     compiled = ctx("aot_eager")
     assert compiled.generation_settings["compiled"] == "aot_eager"  # its own cache key
     assert [x.completion for x in compiled.judged(PROMPTS[0], first)] == want[0]
-    graphs = _graphs()
+    graphs = compiled_graphs()
     assert graphs >= 1  # the decode step was compiled
     assert not counters["graph_break"]  # one whole graph per step: nothing in our hooks breaks it (CUDA graphs)
     # other sets of the same buckets (rows, prompt length, latents per layer): the same compiled step
     assert [x.completion for x in compiled.judged(PROMPTS[0], second)] == want[1]
-    assert _graphs() == graphs
+    assert compiled_graphs() == graphs
 
 
 def test_one_compiled_graph_serves_every_bucket(tiny_lm):
@@ -171,21 +165,13 @@ def test_one_compiled_graph_serves_every_bucket(tiny_lm):
                  [[Feature(1, 4)], [Feature(2, 1)], [Feature(1, 5)], []],  # 4 rows
                  [wide] + [[Feature(2, i)] for i in range(7)]):  # 8 rows, 16 latents
         ctx.judged(PROMPTS[1], sets)
-    assert _graphs() == 1 and not counters["graph_break"]
+    assert compiled_graphs() == 1 and not counters["graph_break"]
 
 
 def test_a_failing_compile_is_one_clear_error(tiny_lm, monkeypatch):
     import torch._dynamo
-    from torch._dynamo.backends.registry import register_backend
 
-    import refusalscope.lm.compiled as compiled
-
-    def broken(gm, example_inputs):
-        raise RuntimeError("no kernel for this op")
-
-    name = f"refusalscope_broken_{uuid.uuid4().hex}"
-    register_backend(name=name)(broken)
-    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, name))
+    name = broken_compile_mode(monkeypatch)
     torch._dynamo.reset()
     with pytest.raises(RefusalScopeError, match=r"compiled generation .* failed: .*no kernel for this op.*"
                                                 r"--compile-generation off"):
@@ -287,7 +273,7 @@ def test_inductor_compiles_the_ablation_hooks_and_keeps_the_completions(tiny_lm)
                                                         batch_size=4, cache=CompletionCache(),
                                                         compile=mode).judged(PROMPTS[0], sets)]
            for mode in ("off", "inductor")}
-    assert out["inductor"] == out["off"] and _graphs() >= 1
+    assert out["inductor"] == out["off"] and compiled_graphs() >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,12 +5,10 @@ sizes; layers restored after the block; a failing compile is one error line.
 ``aot_eager`` captures the graphs dynamo would hand to inductor (guards, dynamic shapes, recompiles) without code
 generation; one test runs ``inductor`` itself on the CPU."""
 
-import uuid
-
 import pytest
 import torch
 
-from helpers import random_sae
+from helpers import broken_compile_mode, compiled_graphs, random_sae
 from refusalscope.errors import RefusalScopeError
 from refusalscope.lm.compiled_layers import compiled_layers
 from refusalscope.lm.hooks import decoder_layers
@@ -20,12 +18,6 @@ from refusalscope.stages.stage2 import prune_batched
 
 PROMPTS = ["Tell me how to pick a lock.", "Write a poem about the sea and the sky, please, in three short lines."]
 TAUS = [0.01, 0.05, 0.1]
-
-
-def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def _setup(lm):
@@ -57,7 +49,7 @@ def test_compiled_scoring_keeps_the_eager_sets(any_tiny_lm, share_rows):
         assert kept_c == kept
         assert torch.allclose(probs_c, probs, rtol=1e-5, atol=1e-9)
         assert probs.max() - probs.min() > 1e-4  # the ablations mattered
-    assert _graphs() >= 1 and not counters["graph_break"]  # the layers really ran compiled, whole
+    assert compiled_graphs() >= 1 and not counters["graph_break"]  # the layers really ran compiled, whole
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(lm.model))  # restored
 
 
@@ -71,11 +63,11 @@ def test_compiled_layers_reuse_their_graphs(tiny_lm):
     torch._dynamo.reset()
     counters.clear()
     _stage2(tiny_lm, saes, cands, PROMPTS[0], compile="aot_eager", share_rows=True)
-    first = _graphs()
+    first = compiled_graphs()
     assert 1 <= first <= 2  # Qwen2's layers: rows ≥ 2, and the one-row start of shared rows
     _stage2(tiny_lm, saes, cands, PROMPTS[1], compile="aot_eager", share_rows=True)
     _stage2(tiny_lm, saes, cands, PROMPTS[1], compile="aot_eager", share_rows=False, batch_size=7)
-    assert _graphs() == first and not counters["graph_break"]
+    assert compiled_graphs() == first and not counters["graph_break"]
 
 
 def test_compiled_layers_are_restored_and_leave_replayed_layers(tiny_lm):
@@ -109,16 +101,8 @@ def test_inductor_scoring_on_the_cpu_keeps_the_eager_sets(tiny_lm):
 
 def test_a_failing_scoring_compile_is_one_clear_error(tiny_lm, monkeypatch):
     import torch._dynamo
-    from torch._dynamo.backends.registry import register_backend
 
-    import refusalscope.lm.compiled as compiled
-
-    def broken(gm, example_inputs):
-        raise RuntimeError("no kernel for this op")
-
-    name = f"refusalscope_broken_{uuid.uuid4().hex}"
-    register_backend(name=name)(broken)
-    monkeypatch.setattr(compiled, "MODES", (*compiled.MODES, name))
+    name = broken_compile_mode(monkeypatch)
     saes, cands = _setup(tiny_lm)
     torch._dynamo.reset()
     with pytest.raises(RefusalScopeError, match=r"compiled scoring .* failed: .*no kernel for this op.*"
