@@ -36,6 +36,14 @@ def random_sae(arch: str, d: int = 32, m: int = 96, layer: int = 1, seed: int = 
                apply_b_dec_to_input=apply_b_dec, max_norm=max_norm, **kw)
 
 
+def bf16_valued(sae: Sae) -> Sae:
+    """``sae`` in float32 with its encoder and decoder rounded to bfloat16 values: held in float32 or in bfloat16
+    (``saes.placement.hold``), it holds the same numbers, so every result must be the same."""
+    from dataclasses import replace
+
+    return replace(sae, W_enc=sae.W_enc.bfloat16().float(), W_dec=sae.W_dec.bfloat16().float())
+
+
 # --- tiny chat models ------------------------------------------------------------------------------------------
 
 _CORPUS = [

@@ -243,6 +243,10 @@ class RunSettings(ModelOptions):
         "auto", description="where the stages' SAEs live: device (all on the model's device), host (CPU memory; "
         "only the columns a stage ablates, and one layer's encoder at a time, go to the device); auto: device "
         "unless they would not fit in the GPU's free memory")
+    sae_dtype: Literal["auto", "float32", "bfloat16"] = Field(  # saes.placement.HOST_DTYPES
+        "auto", description="the dtype the SAE set is held in in host memory: bfloat16 halves it (weights rounded "
+        "once; SAE arithmetic stays float32); auto: float32 unless that would take over 70 percent of the available "
+        "memory")
     prompt_batch: int | None = Field(None, ge=1, description="prompts whose stages run together, their completions "
                                      "generated in shared batches of prompt-batch × batch-size rows (default: 4); "
                                      "each prompt's results are those it gets alone")

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import torch
 import pytest
 
 from refusalscope.pipeline import run as pipeline
@@ -209,3 +210,48 @@ def test_compiled_generation_gives_the_records_of_eager_generation(setup, tmp_pa
     for f in files:
         eager, joint = (untimed(json.loads(p.read_text())) for p in (f, compiled.out / "prompts" / f.name))
         assert diff_paths(joint, eager) == [], f.name
+
+
+def test_saes_held_in_bfloat16_give_the_records_of_float32_holding_the_same_values(setup, tmp_path, tiny_lm, caplog,
+                                                                                     monkeypatch):
+    """`--sae-dtype bfloat16` (what `auto` picks when float32 would not fit the host) holds the set in half the
+    memory and converts what each stage uses to float32: on SAE values bfloat16 can hold, every record equals
+    float32 holding's; an analysis of the run loads and places the SAEs as the run did."""
+    from refusalscope.analysis.finished_run import FinishedRun
+
+    from helpers import bf16_valued
+
+    sae_dir = tmp_path / "bf16_valued"
+    for layer in (1, 2, 3):
+        sae = random_sae("jumprelu", d=tiny_lm.d_model, m=64, layer=layer, seed=layer)
+        save_sae(bf16_valued(sae), sae_dir / f"layer_{layer}")
+    f32 = setup.model_copy(update={"saes": str(sae_dir), "out": tmp_path / "f32", "sae_dtype": "float32"})
+    bf16 = setup.model_copy(update={"saes": str(sae_dir), "out": tmp_path / "bf16", "sae_dtype": "bfloat16"})
+    held, real = [], steps.stage_saes
+
+    def spy(all_saes, settings, lm):
+        placed = real(all_saes, settings, lm)
+        held.append({s.W_enc.dtype for s in placed.values()})
+        return placed
+
+    monkeypatch.setattr(steps, "stage_saes", spy)
+    pipeline.run_pipeline(f32, progress=False)
+    with caplog.at_level("WARNING"):
+        pipeline.run_pipeline(bf16, progress=False)
+    assert held == [{torch.float32}, {torch.bfloat16}]  # what the stages of each run used
+    # the run records what it held; resumed with "auto" (float32 on this roomy machine), it holds as recorded
+    assert [json.loads((r.out / "config.run.json").read_text())["sae_dtype"] for r in (f32, bf16)] == \
+        ["float32", "bfloat16"]
+    pipeline.run_pipeline(bf16.model_copy(update={"sae_dtype": "auto"}), progress=False)
+    assert len(held) == 3 and held[-1] == {torch.bfloat16}
+    assert "held in bfloat16" not in caplog.text  # asked for, not chosen: no warning
+    files = sorted((f32.out / "prompts").glob("*.json"))
+    assert len(files) == 3
+    for f in files:
+        want, got = (untimed(json.loads(p.read_text())) for p in (f, bf16.out / "prompts" / f.name))
+        # the record's key names the rounded holding, so a rerun with float32 holding recomputes the prompt
+        assert got.pop("settings") == {**want.pop("settings"), "sae_dtype": "bfloat16"}
+        assert diff_paths(got, want) == [], f.name
+    ctx = FinishedRun(bf16.out).context()
+    assert {s.W_enc.dtype for s in ctx.saes.values()} == {torch.bfloat16}
+    assert {s.W_enc.dtype for s in FinishedRun(f32.out).context().saes.values()} == {torch.float32}

@@ -161,3 +161,24 @@ def test_topk_trainer_learns_sparse_data():
     fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.2, fvu
     assert (sae.encode(x) > 0).sum(-1).float().mean() <= 8
+
+
+@pytest.mark.parametrize("arch", ARCH_LIST)
+def test_an_sae_held_in_bfloat16_computes_in_float32(arch):
+    """SAE arithmetic is float32 whatever the weights are held in (a set held in bfloat16 to fit the host): on
+    values bfloat16 can hold, every encode and decode equals float32 holding's, bit for bit."""
+    from refusalscope.saes.placement import hold
+
+    from helpers import bf16_valued
+
+    f32 = bf16_valued(random_sae(arch, apply_b_dec=True))
+    held = hold(f32, torch.bfloat16)
+    assert held.W_enc.dtype == held.W_dec.dtype == torch.bfloat16 and not held.ready_on("cpu")
+    assert held.on("cpu").ready_on("cpu") and f32.on("cpu") is f32
+    h = torch.randn(3, 5, f32.d_in, generator=torch.Generator().manual_seed(0)) * 2
+    ids = torch.tensor([0, 7, 40, 95])
+    z = f32.encode(h)
+    assert z.count_nonzero() > 0
+    assert torch.equal(held.encode(h), z) and held.encode(h).dtype == torch.float32
+    assert torch.equal(held.encode_subset(h, ids), f32.encode_subset(h, ids))
+    assert torch.equal(held.decode(z), f32.decode(z))

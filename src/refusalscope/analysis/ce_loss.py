@@ -233,7 +233,7 @@ class ChunkedCe:
             ivs = list(interventions)
             if row_sets is not None:
                 sets = row_sets[0] if k == 1 else [s for s in row_sets for _ in range(b)]
-                ivs.append(LatentAblation.build(saes, sets))
+                ivs.append(LatentAblation.build(saes, sets, device=lm.device))
             replay = (replayed_prefix(lm.model, replay_layer, self.clean_output(c, replay_layer), k)
                       if replay_layer is not None else nullcontext())
             ids_k, att_k = ids.repeat(k, 1).to(lm.device), att.repeat(k, 1).to(lm.device)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from refusalscope.analysis.finished_run import FinishedRun
@@ -91,8 +92,8 @@ def resolve(site: Site, length: int, n_prefix: int) -> int:
     return max(site.offset, n_prefix - length, -length)  # no earlier than the instruction's first token
 
 
-def clamp_interventions(saes: Mapping[int, Sae], rows: Sequence[tuple[float, Mapping[Feature, int]]]
-                        ) -> list[LatentClamp]:
+def clamp_interventions(saes: Mapping[int, Sae], rows: Sequence[tuple[float, Mapping[Feature, int]]],
+                        device: torch.device | None = None) -> list[LatentClamp]:
     """Per-row clamps: row r sets each of its features f to its value at its offset ``rows[r][1][f]``.
 
     One ``LatentClamp`` per (value, offset), each carrying one latent set per row (empty for the rows it does not
@@ -102,7 +103,7 @@ def clamp_interventions(saes: Mapping[int, Sae], rows: Sequence[tuple[float, Map
     for r, (value, sites) in enumerate(rows):
         for f, offset in sites.items():
             groups.setdefault((float(value), int(offset)), [[] for _ in rows])[r].append(f)
-    return [LatentClamp.build(saes, [as_latent_set(fs) for fs in per_row], value, positions=(offset,))
+    return [LatentClamp.build(saes, [as_latent_set(fs) for fs in per_row], value, positions=(offset,), device=device)
             for (value, offset), per_row in sorted(groups.items())]
 
 
@@ -253,9 +254,9 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
                 offsets = {} if mode == "none" else {s.feature: resolve(s, lengths[prompt], n_prefix)
                                                      for s in sites[mode]}
                 spec_rows.append((0.0 if mode == "none" else value, offsets))
+            clamps = clamp_interventions(ctx.saes, spec_rows, ctx.lm.device)
             outs = generate(ctx.lm, [rows[i][2] for i in chunk], max_new_tokens=ctx.max_new_tokens,
-                            batch_size=len(chunk), interventions=clamp_interventions(ctx.saes, spec_rows),
-                            progress=False)
+                            batch_size=len(chunk), interventions=clamps, progress=False)
             ctx.cache.put_many([(keys[i], rows[i][2], row_sets[i], row_settings[i], o) for i, o in zip(chunk, outs)])
             known.update({keys[i]: o for i, o in zip(chunk, outs)})
             bar.update(len(chunk))

@@ -138,7 +138,8 @@ def record_with_wakes(lm: LoadedModel, saes: Mapping[int, Sae], prompt: str, set
             low = torch.tensor([min(s, default=lm.n_layers) for s in chunk])
             seen: list = []
             hooks += [_wake_hook(saes[layer], layer, low, state, seen, threshold) for layer in wake_layers]
-        hooks += [*hooks_for([LatentAblation.build(saes, chunk)], lm.n_layers), Hook("resid_post", last, stop)]
+        ablation = LatentAblation.build(saes, chunk, device=lm.device)
+        hooks += [*hooks_for([ablation], lm.n_layers), Hook("resid_post", last, stop)]
         try:
             with hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
                 lm.model(**batch, logits_to_keep=1, use_cache=False)
@@ -189,7 +190,7 @@ def reference_codes(lm: LoadedModel, saes: Mapping[int, Sae], prompt: str, ablat
         hooks.append(Hook("resid_post", layer, edit))
     with hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
         lm.model(**batch, use_cache=False)
-    return {layer: saes[layer].encode(x).cpu() for layer, x in seen.items()}
+    return {layer: encoder_on(saes[layer], x.device).encode(x).cpu() for layer, x in seen.items()}
 
 
 def record_reference(lm: LoadedModel, saes: Mapping[int, Sae], prompt: str, ablate: Sequence[Feature],

@@ -19,7 +19,7 @@ from refusalscope.analysis.finished_run import FinishedRun
 from refusalscope.config import parse_layers
 from refusalscope.errors import RefusalScopeError
 from refusalscope.interventions import hooks_for
-from refusalscope.interventions.latents import LatentRecorder
+from refusalscope.interventions.latents import LatentRecorder, encoder_on
 from refusalscope.judges import check_judge_name
 from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.lm.loading import LoadedModel
@@ -65,8 +65,9 @@ def reference_token_counts(lm: LoadedModel, saes: Mapping[int, Sae], prompt: str
     out = {}
     for layer, sae in saes.items():
         counts = torch.zeros(sae.width, dtype=torch.long)
+        enc = encoder_on(sae, captured[layer].device)  # one layer's encoder at a time for a host-held SAE
         for t in range(captured[layer].shape[0]):
-            counts += (sae.encode(captured[layer][t]) > 0).long().cpu()
+            counts += (enc.encode(captured[layer][t]) > 0).long().cpu()
         out[layer] = counts
     return out
 

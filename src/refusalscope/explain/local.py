@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from refusalscope.errors import RefusalScopeError
 from refusalscope.explain.records import TopContext
+from refusalscope.interventions.latents import encoder_on, restrict
 from refusalscope.lm.hooks import Hook, StopForward, batch_context, hooked
 from refusalscope.lm.inference import length_sorted_batches
 from refusalscope.lm.loading import LoadedModel
@@ -58,14 +59,13 @@ def shared_prefix_length(tokenizer, chat: bool) -> int:
     return n
 
 
-def _encoder(sae: Sae, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """h (..., d) -> activations of latents ``ids`` (..., len(ids)); independent latents use only their columns."""
+def _encoder(sae: Sae, ids: torch.Tensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h (..., d) on ``device`` -> activations of latents ``ids`` (..., len(ids)); independent latents use only
+    their columns, copied to ``device`` (from a host-held SAE too)."""
     if not sae.independent:
-        return lambda h: sae.encode(h).index_select(-1, ids)
-    thr = None if sae.threshold is None else sae.threshold[ids]
-    narrow = replace(sae, W_enc=sae.W_enc[:, ids].contiguous(), b_enc=sae.b_enc[ids],
-                     W_dec=sae.W_dec[ids].contiguous(), threshold=thr)
-    return narrow.encode
+        full, ids = encoder_on(sae, device), ids.to(device)
+        return lambda h: full.encode(h).index_select(-1, ids)
+    return restrict(sae, ids, device).encode
 
 
 class _TopN:
@@ -109,7 +109,7 @@ def top_contexts(lm: LoadedModel, saes: Mapping[int, Sae], features: Sequence[Fe
     encoders, tops = {}, {}
     for layer, ids in by_layer.items():
         saes[layer].check_latents(ids)
-        encoders[layer] = _encoder(saes[layer], torch.tensor(ids, dtype=torch.long, device=saes[layer].W_enc.device))
+        encoders[layer] = _encoder(saes[layer], torch.tensor(ids, dtype=torch.long), lm.device)
         tops[layer] = _TopN(len(ids), n, width)
     last = max(by_layer)
     n_tokens = 0
@@ -193,8 +193,9 @@ def reference_top_contexts(lm: LoadedModel, saes: Mapping[int, Sae], features: S
         with torch.inference_mode(), hooked(lm.model, hooks):
             lm.model(input_ids=ids, use_cache=False)
         tokens = [lm.tokenizer.decode([t]) for t in ids[0].tolist()]
+        codes = {layer: encoder_on(saes[layer], lm.device).encode(h).cpu() for layer, h in resid.items()}  # (T, m)
         for f in features:
-            z = saes[f.layer].encode(resid[f.layer])[:, f.latent].cpu()  # (T,)
+            z = codes[f.layer][:, f.latent]  # (T,)
             p = skip + int(z[skip:].argmax()) if len(tokens) > skip else 0
             if len(tokens) <= skip or not float(z[p]) > 0:
                 continue

@@ -43,24 +43,25 @@ class LayerPlan:
         return self if self.mask is None else replace(self, mask=self.mask[list(rows)])
 
 
-def _restrict(sae: Sae, ids: torch.Tensor, device: torch.device | None = None) -> Sae | None:
+def restrict(sae: Sae, ids: torch.Tensor, device: torch.device | None = None) -> Sae | None:
     """The latents ``ids`` of an independent-latent SAE as a narrow SAE (its encode is the fast path), on
     ``device`` (default: the SAE's): only these columns are copied there, as float32 (a host-held SAE may be
-    kept in its loaded dtype)."""
+    held in bfloat16)."""
     if not sae.independent:
         return None
     ids = ids.to(sae.W_enc.device)
     thr = None if sae.threshold is None else sae.threshold[ids]
     sub = replace(sae, W_enc=sae.W_enc[:, ids].contiguous(), b_enc=sae.b_enc[ids],
                   W_dec=sae.W_dec[ids].contiguous(), threshold=thr)
-    return sub if device is None or torch.device(device) == sae.W_enc.device else sub.to(device, torch.float32)
+    return sub.to(sae.W_enc.device if device is None else device, torch.float32)  # no copy when already so
 
 
 def encoder_on(sae: Sae, device: torch.device) -> Sae:
-    """``sae`` with its encoder on ``device`` (the SAE itself when it is there already). The decoder is not
-    copied: the copy can encode, not decode (its W_dec is a zero-stride placeholder of the right shape)."""
+    """``sae`` with its encoder on ``device`` in float32 (the SAE itself when it is ready there already). The
+    decoder is not copied: the copy can encode, not decode (its W_dec is a zero-stride placeholder of the right
+    shape)."""
     device = torch.device(device)
-    if sae.W_enc.device == device:
+    if sae.ready_on(device):
         return sae
     mv = lambda t: None if t is None else t.to(device, torch.float32)  # noqa: E731
     placeholder = torch.zeros((), dtype=torch.float32, device=device).expand(sae.width, sae.d_in)
@@ -87,12 +88,12 @@ def plan_sets(saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet],
         mask = None
         dev = sae.W_dec.device if device is None else torch.device(device)
         if per_row:
-            mask = torch.zeros(len(rows), len(union), dtype=sae.W_dec.dtype)
+            mask = torch.zeros(len(rows), len(union), dtype=torch.float32)
             for r, ids in enumerate(row_ids):
                 if len(ids):
                     mask[r, torch.searchsorted(union, ids)] = 1.0
             mask = mask.to(dev)
-        plans[layer] = LayerPlan(sae, union.to(dev), mask, _restrict(sae, union, dev))
+        plans[layer] = LayerPlan(sae, union.to(dev), mask, restrict(sae, union, dev))
     return plans, per_row
 
 
@@ -120,7 +121,7 @@ class CandidatePlans:
             ids, inverse = torch.unique(latents[cols], return_inverse=True)
             sae.check_latents(ids)
             dev = sae.W_dec.device if device is None else torch.device(device)
-            plans[layer] = LayerPlan(sae, ids.to(dev), None, _restrict(sae, ids, dev))
+            plans[layer] = LayerPlan(sae, ids.to(dev), None, restrict(sae, ids, dev))
             columns[layer] = (cols, inverse)
         return cls(plans, columns, len(candidates))
 
@@ -129,7 +130,7 @@ class CandidatePlans:
         out = {}
         for layer, plan in self.plans.items():
             cols, inverse = self.columns[layer]
-            mask = torch.zeros(member.shape[0], len(plan.ids), dtype=plan.sae.W_dec.dtype, device=member.device)
+            mask = torch.zeros(member.shape[0], len(plan.ids), dtype=torch.float32, device=member.device)
             mask.index_add_(1, inverse.to(member.device), member[:, cols.to(member.device)].to(mask.dtype))
             out[layer] = replace(plan, mask=mask.clamp_(max=1).to(plan.ids.device))
         return out
@@ -215,10 +216,8 @@ def _codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.T
     z = encoder_on(sae, x.device).encode_subset(x, ids.to(x.device))
     if plan.sub is not None:
         return z, plan.sub.W_dec
-    dec = sae.W_dec.index_select(0, ids)
-    if dec.device != x.device:  # a host-held SAE: its columns come over as float32
-        z, dec = z.float(), dec.to(x.device, torch.float32)
-    return z, dec
+    # a host-held SAE's columns come over as float32 (no copy for an SAE ready on x's device)
+    return z, sae.W_dec.index_select(0, ids).to(x.device, torch.float32)
 
 
 def ablated_codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,10 +287,10 @@ class LatentAblation(Intervention):
             ids = plan.ids if plan is not None else torch.empty(0, dtype=torch.long, device=dev)
             fill = ids[:1] if len(ids) else torch.zeros(1, dtype=torch.long, device=dev)
             full = torch.cat([ids, fill.expand(U - len(ids))])
-            mask = torch.zeros(rows, U, dtype=sae.W_dec.dtype, device=dev)
+            mask = torch.zeros(rows, U, dtype=torch.float32, device=dev)
             if plan is not None:
                 mask[:, :len(ids)] = 1.0 if plan.mask is None else plan.mask
-            plans[layer] = LayerPlan(sae, full, mask, _restrict(sae, full, dev))
+            plans[layer] = LayerPlan(sae, full, mask, restrict(sae, full, dev))
         return replace(self, plans=plans, per_row=True, pinned=True)
 
     def hook_plans(self) -> dict[int, LayerPlan]:
@@ -343,8 +342,8 @@ class LatentClamp(Intervention):
 
     @classmethod
     def build(cls, saes: Mapping[int, Sae], sets: LatentSet | Sequence[LatentSet], value: float, *,
-              positions="first") -> "LatentClamp":
-        plans, per_row = plan_sets(saes, sets)
+              positions="first", device: torch.device | None = None) -> "LatentClamp":
+        plans, per_row = plan_sets(saes, sets, device)
         return cls(plans, float(value), per_row, positions if positions in (None, "first") else tuple(positions))
 
     def select(self, rows):
@@ -400,11 +399,11 @@ class LatentRecorder(Intervention):
                 if pos is not None and pos.numel() == 0:
                     return None
                 x = _gather(h, pos).float()
-                if sae.W_enc.device == x.device:
+                if sae.ready_on(x.device):
                     z = sae.encode(x) if idx is None else sae.encode_subset(x, idx)
                 elif idx is not None and sae.independent:
                     if "sub" not in moved:
-                        moved["sub"] = _restrict(sae, idx, x.device)
+                        moved["sub"] = restrict(sae, idx, x.device)
                     z = moved["sub"].encode(x)
                 else:  # one layer's encoder at a time
                     z = encoder_on(sae, x.device).encode(x)
@@ -417,6 +416,7 @@ class LatentRecorder(Intervention):
 
 def reference_ablate(sae: Sae, h: torch.Tensor, latents: Sequence[int]) -> torch.Tensor:
     """The paper's formula, literally: decode the masked code and add back the SAE error (one set, all positions)."""
+    sae = sae.on(h.device)
     z = sae.encode(h.float())
     keep = torch.ones(sae.width, dtype=z.dtype, device=z.device)
     keep[list(latents)] = 0

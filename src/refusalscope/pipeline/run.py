@@ -25,6 +25,7 @@ from refusalscope.judges import make_judge
 from refusalscope.pipeline import steps
 from refusalscope.pipeline.distributed import release_workers, require_ray, run_items
 from refusalscope.pipeline.tables import write_results, write_stage3_results
+from refusalscope.saes.placement import held_dtype
 from refusalscope.saes.run_set import load_run_saes
 from refusalscope.stages.stage1 import ranked_latents
 from refusalscope.pipeline.workers import PromptWorker
@@ -53,8 +54,10 @@ def _pipeline(settings: RunSettings, progress: bool) -> dict:
     steps.init_run(store, settings, lm)
     # 3. the refusal direction and 4. the SAE set (each computed once per run)
     steps.ensure_direction(lm, settings, store)
-    steps.ensure_saes(lm, settings, store)
-    all_saes = load_run_saes(store, lm)
+    settings = steps.recorded_sae_dtype(store, settings)
+    all_saes = steps.ensure_saes(lm, settings, store) or load_run_saes(store, lm, dtype=settings.sae_dtype)
+    # what "auto" chose on this machine, recorded below: Ray workers, resumed runs and analyses hold the SAEs alike
+    settings = settings.model_copy(update={"sae_dtype": held_dtype(all_saes)})
     saes = steps.stage_saes(all_saes, settings, lm)  # on the device, or held in host memory (too big)
     direction, _ = load_direction(store)
     steps.write_config(store, "config.run.json", settings)  # the options this run now uses

@@ -28,8 +28,8 @@ from refusalscope.lm.loading import LoadedModel, load_model, portable_source
 from refusalscope.pipeline.records import PromptRecord
 from refusalscope.saes.registry import DEFAULT_SAE_SET, SAE_SETS, load_sae_set
 from refusalscope.saes.run_set import record_sae_set, resolve_spec, run_sae_train, same_sae_set
-from refusalscope.saes.placement import place_saes
-from refusalscope.saes.sae import Sae
+from refusalscope.saes.placement import HOST_DTYPES, place_saes
+from refusalscope.saes.sae import Sae, check_against_model
 from refusalscope.stages.context import CompletionCache, Flow, StageContext
 from refusalscope.stages.stage1 import stage1_flow
 from refusalscope.stages.stage2 import stage2_flow
@@ -186,8 +186,9 @@ def ensure_direction(lm: LoadedModel, settings: RunSettings, store: RunStore) ->
         log.warning("direction: %s", summary["note"])
 
 
-def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None:
-    """Step: the run's SAE set (``saes.json``): the one named, the model's registry set, or trained ones.
+def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> dict[int, Sae] | None:
+    """Step: the run's SAE set (``saes.json``): the one named, the model's registry set, or trained ones. Returns
+    the set when this step loaded it (held as ``--sae-dtype`` says), so a large one is not loaded twice.
 
     A run keeps its SAE set: ``--saes`` naming another one, or SAE-training options that differ from the ones it
     was trained with, stop with one message (every finished result was found with the recorded set).
@@ -206,13 +207,14 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None
                 raise RefusalScopeError(
                     f"{store.root} holds SAEs trained with {was}; use another --out for new SAE-training options"
                 )
-        return
+        return None
     spec = settings.saes or DEFAULT_SAE_SET.get(entry_alias or "")
     if spec:
         layers = parse_layers(settings.layers, lm.n_layers) if settings.layers else None
-        saes = load_sae_set(resolve_spec(store, spec), layers)
+        saes = load_sae_set(resolve_spec(store, spec), layers, settings.sae_dtype)
+        check_against_model(saes, lm.n_layers, lm.d_model)
         record_sae_set(store, spec, sorted(saes), {"kind": "loaded"})
-        return
+        return saes
     log.warning("no SAEs known for %s: training them (refusalscope sae train)", settings.model)
     ts = SaeTrainSettings(
         run=settings.out,
@@ -224,6 +226,16 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> None
     )
     write_config(store, "config.sae_train.json", ts)
     run_sae_train(lm, ts, store, settings.data_dir)
+    return None
+
+
+def recorded_sae_dtype(store: RunStore, settings: RunSettings) -> RunSettings:
+    """``settings`` whose ``sae_dtype`` "auto" is replaced by the holding an earlier session of the run chose
+    (config.run.json), so a resumed run, wherever it runs, holds its SAEs as its finished prompts had them."""
+    if settings.sae_dtype != "auto" or not store.exists("config.run.json"):
+        return settings
+    recorded = store.read_json("config.run.json").get("sae_dtype", "auto")
+    return settings.model_copy(update={"sae_dtype": recorded}) if recorded in HOST_DTYPES else settings
 
 
 def stage_layers(saes: Mapping[int, Sae], settings: RunSettings, n_layers: int) -> list[int]:
@@ -345,6 +357,8 @@ def stage_key(settings: RunSettings) -> dict:
     key["record_format"] = RECORD_FORMAT  # files of an older layout are recomputed, not half-read
     if settings.early_stop:  # shorter completions in the records (only then, so older records stay valid)
         key["early_stop"] = True
+    if settings.sae_dtype == "bfloat16":  # rounded SAE weights (only then, so older records stay valid)
+        key["sae_dtype"] = "bfloat16"
     return key
 
 

@@ -27,7 +27,7 @@ def _load(settings: RunSettings, device: str | None):
         settings = settings.model_copy(update={"device": device})
     lm = steps.load_run_model(settings)
     store = RunStore(settings.out, create=False)
-    return settings, lm, store, load_run_saes(store, lm)
+    return settings, lm, store, load_run_saes(store, lm, dtype=settings.sae_dtype)
 
 
 def _placed(all_saes, layers, settings: RunSettings, lm) -> dict:

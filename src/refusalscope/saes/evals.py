@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from refusalscope.lm.hooks import Hook, hooked
 from refusalscope.lm.loading import LoadedModel
 from refusalscope.lm.prompts import format_chat
+from refusalscope.saes.placement import choose_placement
 from refusalscope.saes.sae import Sae
 from refusalscope.saes.training.activations import resid_post_batch, template_prefix_length, token_mask
 
@@ -23,7 +24,15 @@ def evaluate_sae_set(lm: LoadedModel, saes: dict[int, Sae], instructions: Sequen
     """Per layer: FVU, L0, dead fraction on in-domain held-out tokens; CE-loss increase with the reconstruction
     spliced in at those tokens (sink tokens, outside the SAE's domain, keep their activations)."""
     layers = sorted(saes)
-    dev_saes = {layer: s.to(lm.device, torch.float32) for layer, s in saes.items()}
+    # a set that fits the model's device goes there once; a larger one (held in host memory, or in bfloat16) comes
+    # over one layer at a time, as float32
+    whole = choose_placement(saes, lm.device) == "device" and all(s.W_enc.dtype == torch.float32
+                                                                   for s in saes.values())
+    dev_saes = {layer: s.to(lm.device, torch.float32) for layer, s in saes.items()} if whole else None
+
+    def on_device(layer: int) -> Sae:
+        return dev_saes[layer] if dev_saes is not None else saes[layer].on(lm.device)
+
     texts = format_chat(lm.tokenizer, instructions)
     prefix_len = template_prefix_length(lm.tokenizer)
     stats = {layer: {"sse": 0.0, "sq": 0.0, "sum": torch.zeros(saes[layer].d_in, dtype=torch.float64), "n": 0,
@@ -39,7 +48,7 @@ def evaluate_sae_set(lm: LoadedModel, saes: dict[int, Sae], instructions: Sequen
         keep = token_mask(batch["attention_mask"].cpu(), prefix_len, torch.zeros(len(chunk), dtype=torch.bool))
         for layer in layers:
             h = store[layer].float()
-            sae = dev_saes[layer]
+            sae = on_device(layer)
             dom = keep.to(h.device)
             if sae.max_norm is not None:
                 dom &= h.norm(dim=-1) <= sae.max_norm
@@ -68,7 +77,7 @@ def evaluate_sae_set(lm: LoadedModel, saes: dict[int, Sae], instructions: Sequen
         ce_tokens += int(target_mask.sum())
         bar.update(1)
         for layer in layers:
-            sae = dev_saes[layer]
+            sae = on_device(layer)
 
             def splice(h, sae=sae):
                 z = sae.encode(h.float())

@@ -8,7 +8,8 @@ through SAELens, so a saved SAE is a SAELens directory (``cfg.json`` + ``sae_wei
 Architectures (paper, "Sparse Autoencoders"; z = f(pre), pre = (h - b_dec·apply_b_dec_to_input) W_enc + b_enc):
 - ``relu`` (SAELens "standard"): z = ReLU(pre);
 - ``jumprelu`` (GemmaScope): z = ReLU(pre) · 1[pre > θ];
-- ``topk`` (LlamaScope, our own): z = ReLU of the k largest pre-activations, 0 elsewhere.
+- ``topk`` (our own; LlamaScope was trained so, but SAELens loads it as JumpReLU): z = ReLU of the k largest
+  pre-activations, 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -76,18 +77,30 @@ class Sae:
         return replace(self, W_enc=mv(self.W_enc), b_enc=mv(self.b_enc), W_dec=mv(self.W_dec), b_dec=mv(self.b_dec),
                        threshold=mv(self.threshold))
 
+    def ready_on(self, device: torch.device | str) -> bool:
+        """Whether the SAE can compute on ``device`` as it is: held there, in float32 (a set too large for memory
+        in float32 is held in bfloat16, ``saes.placement.HOST_DTYPES``, and its columns converted when used)."""
+        return self.W_enc.device == torch.device(device) and self.W_enc.dtype == torch.float32
+
+    def on(self, device: torch.device | str) -> "Sae":
+        """The SAE in float32 on ``device`` (itself when ``ready_on``): the whole SAE, for reference forms."""
+        return self if self.ready_on(device) else self.to(device, torch.float32)
+
+    # SAE arithmetic is float32 whatever dtype the weights are held in: ``.float()`` is free for float32 weights,
+    # and converts a bfloat16-held SAE's values exactly
+
     def _input(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.to(self.W_enc.dtype)
-        return h - self.b_dec if self.apply_b_dec_to_input else h
+        h = h.float()
+        return h - self.b_dec.float() if self.apply_b_dec_to_input else h
 
     def pre(self, h: torch.Tensor) -> torch.Tensor:
         """Pre-activations of all latents, (..., width)."""
-        return self._input(h) @ self.W_enc + self.b_enc
+        return self._input(h) @ self.W_enc.float() + self.b_enc.float()
 
     def _activate(self, pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
         z = pre.relu()
         if self.arch == "jumprelu":
-            z = z * (pre > threshold).to(z.dtype)
+            z = z * (pre > threshold.float()).to(z.dtype)
         return z
 
     def _domain(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -121,12 +134,12 @@ class Sae:
                 z = torch.zeros_like(vals[..., :1]).expand(*vals.shape[:-1], self.width).contiguous()
                 z = z.scatter_(-1, idx, vals.relu()).index_select(-1, latents)
             return self._domain(h, z)
-        pre = self._input(h) @ self.W_enc.index_select(1, latents) + self.b_enc.index_select(0, latents)
+        pre = self._input(h) @ self.W_enc.index_select(1, latents).float() + self.b_enc.index_select(0, latents).float()
         thr = None if self.threshold is None else self.threshold.index_select(0, latents)
         return self._domain(h, self._activate(pre, thr))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
+        return z.float() @ self.W_dec.float() + self.b_dec.float()
 
     def check_latents(self, latents: Sequence[int] | torch.Tensor) -> None:
         ids = torch.as_tensor(latents, dtype=torch.long)

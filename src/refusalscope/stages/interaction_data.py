@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from refusalscope.data import split
 from refusalscope.errors import RefusalScopeError
+from refusalscope.interventions.latents import encoder_on
 from refusalscope.lm.hooks import Hook, StopForward, hooked
 from refusalscope.lm.inference import length_sorted_batches
 from refusalscope.lm.prompts import format_chat, tokenize
@@ -128,7 +129,8 @@ def encode_last_positions(lm, saes: Mapping[int, Sae], prompts: Sequence[str], *
         row_ids = torch.tensor(rows, dtype=torch.int32)
         for layer in layers:
             sae = saes[layer]
-            z = sae.encode(acts.pop(layer).to(sae.W_enc.device))  # (B, n_positions, width): one layer, one batch
+            # (B, n_positions, width): one layer, one batch; a host-held layer's encoder comes over as float32
+            z = encoder_on(sae, lm.device).encode(acts.pop(layer))
             b, p, j = (z > 0).nonzero(as_tuple=True)
             parts.append({"row": row_ids[b.cpu()], "position": (p - n_positions).to(torch.int32).cpu(),
                           "layer": torch.full((len(b),), layer, dtype=torch.int32),
