@@ -6,9 +6,9 @@
 Each dtype loads in a fresh process (``saes.registry.load_sae_set``: SAELens reads a layer in float32, then it is
 held in the dtype): peak resident memory (VmHWM) above the process's after its imports, the bytes held, and
 seconds. ``auto`` runs twice: with this machine's available memory, and told that just enough for bfloat16 holding
-is available (the bfloat16 set plus one float32 layer, besides the layer loaded when it decides; it must then hold
-bfloat16). LlamaScope's 131k set on Llama-3.1-8B's 32 layers is 137 GB
-in float32, 69 GB held in bfloat16: these runs show what the per-layer holding peaks at, on a set this machine holds.
+is available (its loading peak, less the float32 layer loaded when it decides; it must then hold bfloat16).
+LlamaScope's 131k set on Llama-3.1-8B's 32 layers is 137 GB in float32, 69 GB held in bfloat16: these runs show
+what the per-layer holding peaks at, on a set this machine holds.
 Prints one JSON object (and writes it to ``--json``).
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
     out: dict = {"set": {"layers": args.layers, "width": args.width, "d": args.d, "write_s": time.perf_counter() - t0},
                  "runs": []}
     layer = (2 * args.width * args.d + 2 * args.width + args.d) * 4  # float32 bytes, as placement.sae_bytes
-    just_bf16 = args.layers * layer // 2 + layer
+    just_bf16 = (args.layers - 1) * (layer // 2) + layer  # placement.choose_host_dtype's bfloat16 peak, less a layer
     for dtype, available in (("float32", None), ("bfloat16", None), ("auto", None), ("auto", just_bf16)):
         cmd = [sys.executable, __file__, "--dir", str(args.dir), "--load", dtype]
         if available is not None:

@@ -252,6 +252,15 @@ def test_saes_held_in_bfloat16_give_the_records_of_float32_holding_the_same_valu
         # the record's key names the rounded holding, so a rerun with float32 holding recomputes the prompt
         assert got.pop("settings") == {**want.pop("settings"), "sae_dtype": "bfloat16"}
         assert diff_paths(got, want) == [], f.name
+    # the completion cache names bfloat16 holding too: a run that changes its holding generates anew
+    import sqlite3
+
+    def cache_settings(run):
+        with sqlite3.connect(run.out / "completions.sqlite") as db:
+            return [json.loads(row[0]) for row in db.execute("SELECT settings FROM completions")]
+
+    assert cache_settings(bf16) and all(s.get("sae_dtype") == "bfloat16" for s in cache_settings(bf16))
+    assert not any("sae_dtype" in s for s in cache_settings(f32))
     ctx = FinishedRun(bf16.out).context()
-    assert {s.W_enc.dtype for s in ctx.saes.values()} == {torch.bfloat16}
+    assert {s.W_enc.dtype for s in ctx.saes.values()} == {torch.bfloat16} and ctx.sae_dtype == "bfloat16"
     assert {s.W_enc.dtype for s in FinishedRun(f32.out).context().saes.values()} == {torch.float32}

@@ -297,6 +297,7 @@ def stage_context(lm: LoadedModel, saes: Mapping[int, Sae], judge: Judge, settin
         early_stop=settings.early_stop,
         compile=choose_mode(settings.compile_generation, lm.device, saes),
         compile_scoring=settings.compile_scoring,
+        sae_dtype=settings.sae_dtype,
     )
 
 
@@ -468,6 +469,7 @@ def run_stage3_step(
         store,
         opts,
         stage2_features=[f for r in todo_records for f in r.stage2.best().features],
+        sae_dtype=settings.sae_dtype,
         data_dir=settings.data_dir or store.resolve(run.get("data_dir")),
         batch_size=settings.batch_size,
         progress=progress,

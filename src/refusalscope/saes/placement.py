@@ -10,7 +10,8 @@ The same 137 GB also outgrows most hosts (the GPU machines here have 128 GB). So
 the dtype ``choose_host_dtype`` picks as it loads, one layer at a time: float32 when it fits, else bfloat16 (half the
 bytes; the stored values rounded once, then every column a stage uses converted back to float32, so all SAE
 arithmetic stays float32). bfloat16 holding is the one choice here that changes results, so ``auto`` takes it only
-when float32 would take over ``AUTO_HOST_SHARE`` of the available memory, and says so in the log.
+when float32 would take over ``AUTO_HOST_SHARE`` of the available memory (or would not load at all), and says so
+in the log.
 """
 
 from __future__ import annotations
@@ -106,16 +107,18 @@ def choose_host_dtype(setting: str, layer_bytes: int, n_layers: int, available: 
         dtype = torch.float32 if need32 <= AUTO_HOST_SHARE * room else torch.bfloat16
     else:
         dtype = HOST_DTYPES[setting]
-    # loading the last layer also holds two float32 copies of it (SAELens' read and ours)
-    fits = lambda d: (need32 if d == torch.float32 else need32 // 2) + 2 * layer_bytes <= room  # noqa: E731
-    if setting == "auto" and not fits(dtype):
+    # loading peaks at the last layer: the layers held before it and two float32 copies of it (SAELens' read and
+    # ours; measured, benchmarks/RESULTS.md); holding it afterwards takes no more
+    def peak(d: torch.dtype) -> int:
+        return (n_layers - 1) * (layer_bytes if d == torch.float32 else layer_bytes // 2) + 2 * layer_bytes
+
+    if setting == "auto" and peak(dtype) > room:
         dtype = torch.bfloat16
-    if not fits(dtype):
-        need = (need32 if dtype == torch.float32 else need32 // 2) + 2 * layer_bytes
-        hint = "" if dtype == torch.bfloat16 else " (--sae-dtype bfloat16 holds it in half)"
-        raise RefusalScopeError(f"the SAE set needs {_gb(need)} of host memory to load in {str(dtype)[6:]} "
-                                f"({n_layers} layers of {_gb(layer_bytes)} in float32, and two float32 layers while "
-                                f"one loads) but {_gb(room)} is available: load fewer layers (--layers){hint}")
+    if peak(dtype) > room:
+        hint = "" if dtype == torch.bfloat16 else " (bfloat16 holding, run --sae-dtype bfloat16, takes about half)"
+        raise RefusalScopeError(f"the SAE set needs {_gb(peak(dtype))} of host memory to load in {str(dtype)[6:]} "
+                                f"({n_layers} layers of {_gb(layer_bytes)} in float32; loading holds two float32 "
+                                f"copies of a layer) but {_gb(room)} is available: load fewer layers (--layers){hint}")
     if dtype != torch.float32 and setting == "auto":  # asked for, it needs no warning
         log.warning("the SAE set (%s in float32) is held in bfloat16 on the host (%s available): its weights are "
                     "rounded to bfloat16, SAE arithmetic stays float32 (--sae-dtype float32 to refuse)",

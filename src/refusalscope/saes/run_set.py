@@ -166,7 +166,7 @@ def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, 
 
 def run_sae_eval(lm: LoadedModel, settings: SaeEvalSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
     # held as the run's stages held them (config.run.json), if it has run them
-    dtype = store.read_json("config.run.json").get("sae_dtype", "auto") if store.exists("config.run.json") else "auto"
+    dtype = (store.read_json("config.run.json").get("sae_dtype") if store.exists("config.run.json") else None) or "auto"
     saes = load_run_saes(store, lm, dtype=dtype)
     table = evaluate_sae_set(
         lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size

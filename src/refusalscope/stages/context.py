@@ -128,6 +128,9 @@ class StageContext:
     # Stage-2 scoring forwards through compiled decoder layers (``lm.compiled_layers``; a mode of
     # ``lm.compiled.MODES``)
     compile_scoring: str = "off"
+    # the dtype the run holds its SAE set in (``saes.placement.HOST_DTYPES``): bfloat16 rounds the weights, so it
+    # names itself in the completion cache key (float32 does not, so older cached completions stay valid)
+    sae_dtype: str = "float32"
     _clean: dict = field(default_factory=dict, repr=False)  # prompt -> its clean activations (``activations``)
     _clean_kept: int = field(default=4, repr=False)  # how many prompts' clean activations are kept
 
@@ -153,6 +156,8 @@ class StageContext:
             out["stopped_by"] = self.judge.name
         if self.compile != "off":  # other kernels: in bf16 a greedy token may differ from the eager one's
             out["compiled"] = self.compile
+        if self.sae_dtype == "bfloat16":
+            out["sae_dtype"] = self.sae_dtype
         return out
 
     def judged(self, prompt: str, sets: Sequence[Iterable]) -> list[Judged]:

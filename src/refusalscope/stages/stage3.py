@@ -103,7 +103,8 @@ def fm_layers(saes: Mapping[int, Sae], first_layer: int, last_layer: int) -> lis
 
 def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunStore, opts: Stage3Options, *,
                            stage2_features: Sequence[Feature], data_dir: str | None, batch_size: int = 16,
-                           progress: bool = True, compute_chunks=None) -> InteractionModels:
+                           progress: bool = True, compute_chunks=None, sae_dtype: str = "float32"
+                           ) -> InteractionModels:
     """Build (or reuse) the activation dataset, train (or reuse) the FM and the probe; see the module docstring.
 
     ``compute_chunks`` computes missing activation chunks elsewhere (``interaction_data.collect_activations``)."""
@@ -115,6 +116,8 @@ def fit_interaction_models(lm: LoadedModel, saes: Mapping[int, Sae], store: RunS
               "layers": layers, "stage2": [str(f) for f in always],
               **opts.model_dump(mode="json", include={"first_layer", "n_positions", "positions", "scale", "fm_k",
                                                       "fm_lr", "fm_epochs", "fm_batch_size", "seed"})}
+    if sae_dtype == "bfloat16":  # rounded SAE weights, other activations (float32 adds nothing: older FMs stay valid)
+        inputs["sae_dtype"] = sae_dtype
     if store.exists(MODELS_FILE) and store.exists(FM_FILE) and store.exists(PROBE_FILE):
         report = store.read_json(MODELS_FILE)
         if report.get("inputs") == digest(inputs):
