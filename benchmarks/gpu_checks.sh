@@ -17,6 +17,8 @@
 #   profile (~2.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes under torch.profiler (its costliest operators)
 #   stage2 (~4.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes, eager and through compiled decoder layers
 #   (--compile-scoring inductor), each with shared rows and with one row per set, every variant also profiled
+# all: LLAMA_SAE_DTYPE=bfloat16 holds the 131k set's 32 distinct layers in bfloat16 (69 GB of host memory) instead of
+# one float32 matrix shared by every layer.
 # A 15-minute device budget fits stage2 (STAGE2_S=240) and then, on the warm machine, lockstep (SKIP_TEST=1
 # LOCKSTEP_S=450; SCORING=inductor if stage2 showed compiled scoring pays).
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
@@ -122,12 +124,16 @@ run_all() {
     echo "== toy on CUDA, fp32, shared rows"
     timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --shared-rows on \
         --json "$OUT/toy_cuda_rows.json"
+    echo "== toy on CUDA, fp32, SAEs held on the host in bfloat16 (--sae-dtype)"
+    timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --sae-placement host --sae-dtype bfloat16 \
+        --json "$OUT/toy_cuda_host_bf16.json"
     echo "== gemma-2-2b, 65k JumpReLU SAEs on every layer"
     timeout "${GEMMA_S:-250}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 2 \
         --json "$OUT/gemma65k.json"
     echo "== llama-3.1-8b, 131k SAEs on every layer, host placement"
     timeout "${LLAMA_S:-170}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 1 \
-        --reference-prompts 0 --sae-placement host --json "$OUT/llama131k.json"
+        --reference-prompts 0 --sae-placement host --sae-dtype "${LLAMA_SAE_DTYPE:-float32}" \
+        --json "$OUT/llama131k.json"
 }
 
 mode=${1:-all}

@@ -129,6 +129,9 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--sae-placement", default="auto", choices=["auto", "device", "host"])
+    ap.add_argument("--sae-dtype", default="float32", choices=["float32", "bfloat16"], help="host holding "
+                    "(refusalscope --sae-dtype): bfloat16 holds every layer's own random matrices in half the host "
+                    "memory (a real 131k set: 69 GB); float32 host placement shares one matrix across layers")
     ap.add_argument("--prompts", type=int, default=3, help="prompts timed")
     ap.add_argument("--reference-prompts", type=int, default=1, help="prompts the reference forms run on")
     ap.add_argument("--reference-pairs", type=int, default=1, help="(τ, seed) pairs of the Stage-2 reference")
@@ -218,7 +221,8 @@ def build(args, device: torch.device) -> dict:
     where = choose_placement(sized, device, args.sae_placement)
     make_on = device if where == "device" else torch.device("cpu")
     saes = calibrated_jumprelu_saes(layers, d, args.width, resid, l0=args.l0, device=make_on,
-                                    shared=where == "host")
+                                    shared=where == "host" and args.sae_dtype == "float32",
+                                    hold_dtype=torch.bfloat16 if args.sae_dtype == "bfloat16" else None)
     saes = place_saes(saes, device, where)
     sync(device)
     return {"lm": lm, "saes": saes, "placement": where, "n_layers": n_layers, "d": d, "vocab": vocab,
@@ -271,7 +275,9 @@ def main(argv=None) -> dict:
                  (platform.processor() or "cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "shape": args.shape, "n_layers": n_layers, "d_model": env["d"], "vocab": env["vocab"],
                  "model_dtype": str(lm.dtype), "sae_width": args.width, "sae_layers": f"0-{n_layers - 1}",
-                 "sae_placement": env["placement"], "target_l0": args.l0, "prompt_tokens": env["prompt_tokens"],
+                 "sae_placement": env["placement"], "sae_dtype": args.sae_dtype,
+                 "sae_stage_dtype": str(next(iter(saes.values())).W_enc.dtype)[6:], "target_l0": args.l0,
+                 "prompt_tokens": env["prompt_tokens"],
                  "prompts": args.prompts, "k_cap": args.k_cap, "stage2_taus": len(TAUS), "stage2_seeds": 3,
                  "stage3_k": _k_values(args.stage3_k), "max_new_tokens": args.max_new_tokens,
                  "prompt_batch": args.prompt_batch, "k_chunk": args.k_chunk,

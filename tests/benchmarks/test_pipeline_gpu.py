@@ -46,6 +46,17 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
     assert out["reference"]["stage2"]["same_sets"] == "1 of 1"  # fp32: the fast path keeps the reference's sets
 
 
+def test_pipeline_benchmark_with_saes_held_in_bfloat16(monkeypatch):
+    """--sae-dtype bfloat16 (what a real LlamaScope-131k set needs on the host): each layer held in bfloat16, the
+    stages convert what they use, and the fast path still keeps the reference's Stage-2 sets (same held values)."""
+    bench = load_benchmark(monkeypatch, "pipeline_gpu")
+    out = bench.main(["--toy", "--prompts", "1", "--direction-prompts", "2", "--sae-dtype", "bfloat16",
+                      "--stage3-k", "4", "--probe-k", "4"])
+    assert out["sae_dtype"] == "bfloat16" and out["sae_stage_dtype"] == "bfloat16"  # a CPU run keeps the holding
+    assert out["reference"]["stage2"]["same_sets"] == "1 of 1"
+    assert all(out["per_prompt"][s]["seconds_mean"] > 0 for s in ("stage1", "stage2", "controls", "stage3"))
+
+
 def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeypatch):
     """With --compile-generation the second prompt reuses the first prompt's compiled decode steps (padded
     ablations, bucketed rows and prompt length): no new graph after the first prompt."""

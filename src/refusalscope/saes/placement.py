@@ -135,7 +135,9 @@ def held_dtype(saes: Mapping[int, Sae]) -> str:
 def hold(sae: Sae, dtype: torch.dtype) -> Sae:
     """``sae`` in host memory with its encoder and decoder matrices in ``dtype`` (biases and thresholds, a width's
     worth of numbers each, stay float32)."""
-    return replace(sae.to("cpu"), W_enc=sae.W_enc.to("cpu", dtype), W_dec=sae.W_dec.to("cpu", dtype))
+    cpu = lambda t: None if t is None else t.to("cpu")  # noqa: E731 (the matrices are not copied in float32 first)
+    return replace(sae, W_enc=sae.W_enc.to("cpu", dtype), W_dec=sae.W_dec.to("cpu", dtype), b_enc=cpu(sae.b_enc),
+                   b_dec=cpu(sae.b_dec), threshold=cpu(sae.threshold))
 
 
 class HostHolding:
