@@ -138,7 +138,7 @@ class FinishedRun:
 
         cfg = self.config
         lm, _ = load_recorded_model(self.store, device=device, dtype=dtype)
-        saes = load_run_saes(self.store, lm, layers, dtype=cfg.get("sae_dtype") or "auto")
+        saes = load_run_saes(self.store, lm, layers)  # held as the run held them
         sae_dtype = held_dtype(saes)
         saes = place_saes(saes, lm.device, cfg.get("sae_placement") or "auto")
         return StageContext(lm, saes, self.judge(judge),

@@ -54,7 +54,7 @@ def _pipeline(settings: RunSettings, progress: bool) -> dict:
     steps.init_run(store, settings, lm)
     # 3. the refusal direction and 4. the SAE set (each computed once per run)
     steps.ensure_direction(lm, settings, store)
-    settings = steps.recorded_sae_dtype(store, settings)
+    settings = steps.resumed_sae_dtype(store, settings)
     all_saes = steps.ensure_saes(lm, settings, store) or load_run_saes(store, lm, dtype=settings.sae_dtype)
     # what "auto" chose on this machine, recorded below: Ray workers, resumed runs and analyses hold the SAEs alike
     settings = settings.model_copy(update={"sae_dtype": held_dtype(all_saes)})

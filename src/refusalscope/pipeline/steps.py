@@ -27,8 +27,8 @@ from refusalscope.lm.inference import generate
 from refusalscope.lm.loading import LoadedModel, load_model, portable_source
 from refusalscope.pipeline.records import PromptRecord
 from refusalscope.saes.registry import DEFAULT_SAE_SET, SAE_SETS, load_sae_set
-from refusalscope.saes.run_set import record_sae_set, resolve_spec, run_sae_train, same_sae_set
-from refusalscope.saes.placement import HOST_DTYPES, place_saes
+from refusalscope.saes.run_set import recorded_sae_dtype, record_sae_set, resolve_spec, run_sae_train, same_sae_set
+from refusalscope.saes.placement import place_saes
 from refusalscope.saes.sae import Sae, check_against_model
 from refusalscope.stages.context import CompletionCache, Flow, StageContext
 from refusalscope.stages.stage1 import stage1_flow
@@ -229,13 +229,13 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> dict
     return None
 
 
-def recorded_sae_dtype(store: RunStore, settings: RunSettings) -> RunSettings:
+def resumed_sae_dtype(store: RunStore, settings: RunSettings) -> RunSettings:
     """``settings`` whose ``sae_dtype`` "auto" is replaced by the holding an earlier session of the run chose
-    (config.run.json), so a resumed run, wherever it runs, holds its SAEs as its finished prompts had them."""
-    if settings.sae_dtype != "auto" or not store.exists("config.run.json"):
+    (``saes.run_set.recorded_sae_dtype``), so a resumed run, wherever it runs, holds its SAEs as its finished
+    prompts had them."""
+    if settings.sae_dtype != "auto":
         return settings
-    recorded = store.read_json("config.run.json").get("sae_dtype", "auto")
-    return settings.model_copy(update={"sae_dtype": recorded}) if recorded in HOST_DTYPES else settings
+    return settings.model_copy(update={"sae_dtype": recorded_sae_dtype(store)})
 
 
 def stage_layers(saes: Mapping[int, Sae], settings: RunSettings, n_layers: int) -> list[int]:

@@ -99,17 +99,24 @@ def record_sae_set(store: RunStore, spec: str, layers: Sequence[int], info: dict
     )
 
 
+def recorded_sae_dtype(store: RunStore) -> str:
+    """How the run's stages held its SAE set (config.run.json's ``sae_dtype``: float32 or bfloat16), "auto"
+    before they ran (or for a run older than the setting)."""
+    cfg = store.read_json("config.run.json") if store.exists("config.run.json") else {}
+    return cfg.get("sae_dtype") or "auto"
+
+
 def load_run_saes(
-    store: RunStore, lm: LoadedModel | None = None, layers: Sequence[int] | None = None, dtype: str = "auto"
+    store: RunStore, lm: LoadedModel | None = None, layers: Sequence[int] | None = None, dtype: str | None = None
 ) -> dict[int, Sae]:
     """The SAE set recorded in the run, checked against the model, held in host memory in ``dtype``
-    (``saes.placement.choose_host_dtype``)."""
+    (``saes.placement.choose_host_dtype``; default: as the run's stages held it, ``recorded_sae_dtype``)."""
     rec = store.read_json("saes.json")
     wanted = rec["layers"] if layers is None else list(layers)
     missing = sorted(set(wanted) - set(rec["layers"]))
     if missing:
         raise RefusalScopeError(f"the run has no SAE for layer(s) {missing}; it has {rec['layers']}")
-    saes = load_sae_set(resolve_spec(store, rec["spec"]), wanted, dtype)
+    saes = load_sae_set(resolve_spec(store, rec["spec"]), wanted, dtype or recorded_sae_dtype(store))
     if lm is not None:
         check_against_model(saes, lm.n_layers, lm.d_model)
     return saes
@@ -165,9 +172,7 @@ def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, 
 
 
 def run_sae_eval(lm: LoadedModel, settings: SaeEvalSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
-    # held as the run's stages held them (config.run.json), if it has run them
-    dtype = (store.read_json("config.run.json").get("sae_dtype") if store.exists("config.run.json") else None) or "auto"
-    saes = load_run_saes(store, lm, dtype=dtype)
+    saes = load_run_saes(store, lm)  # held as the run's stages held them, if it has run them
     table = evaluate_sae_set(
         lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size
     )
