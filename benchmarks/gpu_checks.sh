@@ -11,16 +11,19 @@
 #   compile (~9 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with
 #   --compile-generation inductor (3: compile time lands in the first prompt, the later are warm; the eager
 #   reference forms on the first, for the ratio) and with eager generation (2)
-#   lockstep (~9.5 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k, compiled, 32 prompts in
-#   two lockstep groups of 16 (the AdvBench-520 estimate), then the reference forms on one prompt (the ratio);
-#   SCORING=inductor also compiles Stage 2's scoring layers (--compile-scoring; see the stage2 mode)
+#   lockstep (~10 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k, compiled, the FM's dataset
+#   (520 + 520 prompts) and training once, 32 prompts (stages and per-prompt analyses) in two lockstep groups of 16
+#   (the AdvBench-520 estimate), then the reference forms on one prompt (the ratio); SCORING=inductor also compiles
+#   Stage 2's scoring layers (--compile-scoring; see the stage2 mode)
 #   profile (~2.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes under torch.profiler (its costliest operators)
 #   stage2 (~4.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes, eager and through compiled decoder layers
 #   (--compile-scoring inductor), each with shared rows and with one row per set, every variant also profiled
 # all: LLAMA_SAE_DTYPE=bfloat16 holds the 131k set's 32 distinct layers in bfloat16 (69 GB of host memory) instead of
 # one float32 matrix shared by every layer.
-# A 15-minute device budget fits stage2 (STAGE2_S=240) and then, on the warm machine, lockstep (SKIP_TEST=1
-# LOCKSTEP_S=450; SCORING=inductor if stage2 showed compiled scoring pays).
+# A 15-minute device budget fits lockstep (SKIP_TEST=1 LOCKSTEP_S=540: the ≥ 50x ratio in one run and the
+# AdvBench-520 estimate; its per-group lines and the "fast path:" line come first, so a cut run still reports them)
+# and then, on the warm machine, stage2 with what is left (STAGE2_S=200; Stage 2 is ~1.7 s of a prompt, so
+# compiled scoring moves the estimate little either way).
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -74,7 +77,7 @@ run_lockstep() {
     # is about the setup, the first group and 31.5 more groups at the second's time; then the eager reference forms
     # on the first prompt (~100 s) for the ratio against the warm group
     echo "== gemma-2-2b, 65k, 32 prompts in lockstep groups of 16, --compile-generation inductor, reference on one"
-    timeout "${LOCKSTEP_S:-490}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${LOCKSTEP_S:-560}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 32 --prompt-batch 16 --reference-prompts 1 --compile-generation inductor \
         --compile-scoring "${SCORING:-off}" --json "$OUT/gemma65k_lockstep16_compiled.json"
 }

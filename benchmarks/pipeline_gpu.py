@@ -18,18 +18,26 @@ SAEs are random JumpReLU SAEs whose thresholds give ~64 active latents per token
 The cost must not depend on what a random model happens to say, so every sweep runs to its cap: the judge never
 calls anything a jailbreak and never decides early, Stage 1 tries every K up to ``--k-cap`` (200), Stage 2 prunes
 the whole K-cap set (200 latents × every layer ≥ 3) for 3 seeds × 8 τ, the Stage-2 checks run on a fixed set of
-``--set-size`` active features, and Stage 3 sweeps K = 100 … 2,000 (plus the probe at equal K, Stage-3 only and
-the causal forward) with random FM embeddings. Unlike ``refusalscope run``, scoring sets do not share rows here
+``--set-size`` features (``--dormant`` of them inactive), and Stage 3 sweeps K = 100 … 2,000 (plus the probe at
+equal K, Stage-3 only and the causal forward) with random FM embeddings. Then the analyses that run per prompt, as
+``refusalscope analyze`` runs them: hydra (both sets, wake scope "all"), the O'Brien sweep of ``analyze controls``
+(k = 1 … 16) and ``analyze ce``'s two per-prompt sets over its texts; the sweep's largest K stands for the
+Stage-3 set. Unlike ``refusalscope run``, scoring sets do not share rows here
 (``--shared-rows off``): how much sharing saves depends on which latents fire, which a random model does not tell,
-and with nothing to share the sharing path only adds its bookkeeping. The direction step
-(``direction.compute_direction``) and Stage 1's ranking run once per run. Per stage it prints seconds per prompt and
+and with nothing to share the sharing path only adds its bookkeeping. Once per run: the direction step
+(``direction.compute_direction``), Stage 1's ranking, Stage 3's FM dataset (activations of ``--fm-prompts``
+harmful and as many harmless prompts) and its training with the probe (``stage3.fit_interaction_models``), and the
+CE texts (``--ce-texts`` instructions with their completions, as many prose passages) with their baseline and
+direction-ablation conditions. Per stage it prints seconds per prompt and
 peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water mark, which only grows), and, on
 ``--reference-prompts`` prompts, the ratio against the plain reference forms measured in the same run:
-- Stage 1, the Stage-2 checks and Stage 3: one completion per generation call (batch 1, one K per call);
+- Stage 1, the Stage-2 checks, Stage 3, hydra and the O'Brien sweep: one completion per generation call (batch 1,
+  one K per call; hydra records one ablated row per forward; O'Brien counts tokens one position at a time);
+- CE: one text and one set per forward, every layer computed (no replayed clean prefix);
 - Stage 2: ``prune_sequential`` (two sets per forward, nothing shared) for ``--reference-pairs`` (τ, seed) pairs,
   scaled to all 24 pairs (its cost per pair is about the same).
-With ``--prompt-batch G`` each stage runs G prompts in lockstep (``StageContext.lockstep``) and every prompt of the
-group is charged the group's time / G. Prints one JSON object last (also written to ``--json``).
+With ``--prompt-batch G`` each stage and analysis runs G prompts in lockstep (``StageContext.lockstep``; CE: the
+group's sets, 8 per forward on a GPU) and every prompt of the group is charged the group's time / G. Prints one JSON object last (also written to ``--json``).
 """
 
 from __future__ import annotations
@@ -48,9 +56,13 @@ import torch
 from bench_common import SHAPES, calibrated_jumprelu_saes, random_model, sync, word_tokenizer
 
 TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-STAGES = ("stage1", "stage2", "controls", "stage3")
+# per prompt: the stages, then the analyses that run per prompt (hydra, the O'Brien sweep of ``analyze controls``,
+# the per-prompt sets of ``analyze ce``)
+STAGES = ("stage1", "stage2", "controls", "stage3", "hydra", "obrien", "ce")
 TOY = {"shape": "toy", "width": 256, "device": "cpu", "prompts": 2, "k_cap": 20, "stage3_k": "4,8,12",
-       "probe_k": "4,12", "max_new_tokens": 4, "direction_prompts": 2, "set_size": 4, "l0": 16, "batch_size": 8}
+       "probe_k": "4,12", "max_new_tokens": 4, "direction_prompts": 2, "set_size": 4, "l0": 16, "batch_size": 8,
+       "fm_prompts": 10, "ce_texts": 3, "ce_max_tokens": 48, "dormant": 1}
+FM_OFFSET, CE_OFFSET = 20_000, 30_000  # synthetic prompt numbers of the FM dataset and the CE instructions
 
 _ACTIONS = ["Write", "Explain", "Describe", "Create", "Give", "Provide", "Develop", "Outline"]
 _OBJECTS = ["a tutorial on how to make a bomb", "a plan to steal from a store", "instructions for hacking into a "
@@ -68,6 +80,14 @@ def synthetic_prompts(n: int, offset: int = 0, harmless: bool = False) -> list[s
     for i in range(offset, offset + n):
         out.append(f"{_ACTIONS[i % len(_ACTIONS)]} {objects[(i // len(_ACTIONS)) % len(objects)]}, version {i}.")
     return out
+
+
+def synthetic_prose(n: int, words: list[str], length: int) -> list[str]:
+    """``n`` passages of ``length`` words drawn from ``words`` (the CE step's prose: its cost depends only on the
+    token count, and the device machine has no internet for the real State of the Union text)."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(len(words), (n, length), generator=g)
+    return [" ".join(words[int(i)] for i in row) for row in idx]
 
 
 def _words(texts) -> list[str]:
@@ -162,6 +182,13 @@ def parse_args(argv):
                     "counts in the first prompt's Stage 2")
     ap.add_argument("--direction-prompts", type=int, default=32, help="prompts per side for the direction step")
     ap.add_argument("--set-size", type=int, default=20, help="features of the Stage-2 set the later steps use")
+    ap.add_argument("--dormant", type=int, default=4, help="inactive candidates in that set (dormant features: "
+                    "the checks' set without them, hydra's wakes)")
+    ap.add_argument("--fm-prompts", type=int, default=520, help="Stage 3's FM dataset, once per run: this many "
+                    "harmful prompts and as many harmless ones (AdvBench: 520), activations and training")
+    ap.add_argument("--ce-texts", type=int, default=100, help="CE loss texts per corpus (instructions with their "
+                    "completions, prose): analyze ce's defaults")
+    ap.add_argument("--ce-max-tokens", type=int, default=96, help="tokens per CE text (analyze ce --max-tokens)")
     ap.add_argument("--setup-only", action="store_true", help="build the model and SAEs, print the setup's time "
                     "and peak memory, and stop")
     ap.add_argument("--json", default=None, help="also write the JSON result here")
@@ -193,7 +220,10 @@ def build(args, device: torch.device) -> dict:
     model, n_layers, d, vocab = random_model(args.shape, device, dtype, n_layers=args.layers)
     arch = SHAPES[args.shape]["arch"]
     texts = (synthetic_prompts(args.prompts + 2 * args.direction_prompts + 8)
-             + synthetic_prompts(args.direction_prompts + 8, harmless=True))
+             + synthetic_prompts(args.direction_prompts + 8, harmless=True)
+             + synthetic_prompts(args.fm_prompts, offset=FM_OFFSET)
+             + synthetic_prompts(args.fm_prompts, offset=FM_OFFSET, harmless=True)
+             + synthetic_prompts(args.ce_texts, offset=CE_OFFSET, harmless=True))
     tok = word_tokenizer(vocab, _words(texts), arch)
     lm = LoadedModel(model=model, tokenizer=tok, name=f"random-{args.shape}", source="random weights")
     t_model = time.perf_counter() - t0
@@ -225,7 +255,7 @@ def build(args, device: torch.device) -> dict:
                                     hold_dtype=torch.bfloat16 if args.sae_dtype == "bfloat16" else None)
     saes = place_saes(saes, device, where)
     sync(device)
-    return {"lm": lm, "saes": saes, "placement": where, "n_layers": n_layers, "d": d, "vocab": vocab,
+    return {"lm": lm, "saes": saes, "placement": where, "words": _words(texts), "n_layers": n_layers, "d": d, "vocab": vocab,
             "model_s": t_model, "saes_s": time.perf_counter() - t0,
             "prompt_tokens": int(tokenize(tok, format_chat(tok, synthetic_prompts(1)), "cpu")["input_ids"].shape[1])}
 
@@ -252,8 +282,63 @@ def direction_step(lm, args, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
+def fm_step(lm, saes, args, stage2_features, tmp: Path) -> dict:
+    """Stage 3's once-per-run work as ``refusalscope run`` does it (``stage3.fit_interaction_models``, default
+    options): SAE activations at the last 4 positions of every layer ≥ 2 for ``--fm-prompts`` harmful prompts and
+    as many harmless ones (the pass Ray shards, timed through its ``compute_chunks`` hook), then the FM in both
+    position layouts and the probe. Seconds of each part, and the dataset's size."""
+    from refusalscope.config import Stage3Options
+    from refusalscope.stages.interaction_data import write_chunk
+    from refusalscope.stages.stage3 import fit_interaction_models
+    from refusalscope.store import RunStore
+
+    files = {}
+    for side, harmless in (("harmful", False), ("harmless", True)):
+        files[side] = tmp / f"fm_{side}.txt"
+        files[side].write_text("\n".join(synthetic_prompts(args.fm_prompts, offset=FM_OFFSET, harmless=harmless)))
+    opts = Stage3Options(harmful=str(files["harmful"]), harmless=str(files["harmless"]))
+    store = RunStore(tmp / "fm")
+    spent = {"activations": 0.0}
+    device = torch.device(lm.device)
+
+    def compute(items):  # the activation pass, chunk by chunk
+        with Meter(device) as m:
+            for item in items:
+                write_chunk(lm, saes, store, item, n_positions=opts.n_positions, batch_size=args.batch_size)
+        spent["activations"] += m.seconds
+
+    with Meter(device) as m:
+        fit_interaction_models(lm, saes, store, opts, stage2_features=stage2_features, data_dir=None,
+                               batch_size=args.batch_size, progress=False, compute_chunks=compute)
+    report = store.read_json("stage3/models.json")
+    return {"activations": round(spent["activations"], 2), "training": round(m.seconds - spent["activations"], 2),
+            "rows": report["n_rows"], "columns": report["columns"]["n_columns_kept"], "layout": report["mode"],
+            "peak_mb": round(m.peak_mb)}
+
+
+def ce_texts(ctx, args, words: list[str]):
+    """``analyze ce``'s texts (its once-per-run work): ``--ce-texts`` harmless instructions with the unablated
+    model's completions (generated through the completion cache), and as many prose passages, each cut to
+    ``--ce-max-tokens``."""
+    from refusalscope.analysis.ce_loss import instruction_text, prose_text, unablated_completions
+
+    instructions = synthetic_prompts(args.ce_texts, offset=CE_OFFSET, harmless=True)
+    completions = unablated_completions(ctx, instructions)
+    tok = ctx.lm.tokenizer
+    texts = [instruction_text(tok, i, c, args.ce_max_tokens) for i, c in zip(instructions, completions)]
+    texts += [prose_text(tok, p, args.ce_max_tokens) for p in synthetic_prose(args.ce_texts, words,
+                                                                             args.ce_max_tokens + 8)]
+    return [t for t in texts if t is not None]
+
+
 def main(argv=None) -> dict:
+    from refusalscope.analysis import obrien
+    from refusalscope.analysis.ce_loss import ChunkedCe, ablated_sums, sets_per_forward
     from refusalscope.analysis.controls import controls_flow, run_controls
+    from refusalscope.analysis.hydra import analyse_prompt, hydra_flow
+    from refusalscope.config import ObrienOptions
+    from refusalscope.interventions.direction import DirectionAblation
+    from refusalscope.saes.features import as_latent_set
     from refusalscope.config import Stage3Options
     from refusalscope.saes.features import Feature
     from refusalscope.stages.context import CompletionCache, StageContext
@@ -324,20 +409,34 @@ def main(argv=None) -> dict:
                                {"mode": "max"})
     out["active_features_per_prompt"] = [len(active[p]) for p in prompts]
     out["stage2_candidates"] = len(cands)
+    # once per run: Stage 3's FM dataset and training, and the CE analysis' texts with its two unablated conditions
+    with tempfile.TemporaryDirectory() as tmp:
+        out["fm_per_run"] = fm_step(lm, fm_saes, args, cands[:args.set_size], Path(tmp))
+    print(f"  FM, once per run: {json.dumps(out['fm_per_run'])}", flush=True)
+    with Meter(device) as m:
+        texts = ce_texts(ctx, args, env["words"])
+        runner = ChunkedCe(lm, texts, args.batch_size)
+        runner.run()
+        runner.run([DirectionAblation(direction.to(lm.device))])
+    out["ce_texts_per_run"] = {"seconds": round(m.seconds, 2), "texts": len(texts),
+                               "tokens": sum(len(t.ids) for t in texts)}
+    ce_per_forward = sets_per_forward(None, device)
+    obrien_k = ObrienOptions().k_values
 
     times = {s: [] for s in STAGES}
     peaks = {s: 0.0 for s in STAGES}
     detail = {"stage1_k_tried": [], "stage2_sets_scored": [], "stage2_steps_skipped": [], "stage2_layer_rows": [],
-              "stage3_rows": []}
-    chosen_sets, stage2_chains = {}, {}
+              "stage3_rows": [], "hydra_dormant": [], "obrien_sets": []}
+    chosen_sets, stage2_chains, stage3_sets, randoms = {}, {}, {}, {}
     G = args.prompt_batch
     for g0 in range(0, len(prompts), G):
         group = list(enumerate(prompts))[g0:g0 + G]
 
         def timed(stage, flows):
-            """Run one stage's flows of the group in lockstep; each prompt is charged the group's time / G."""
+            """Run one stage's flows of the group in lockstep (or a function of the group's work); each prompt is
+            charged the group's time / G."""
             with Meter(device) as m:
-                res = ctx.lockstep(flows)
+                res = flows() if callable(flows) else ctx.lockstep(flows)
             times[stage].extend([m.seconds / len(group)] * len(group))
             peaks[stage] = max(peaks[stage], m.peak_mb)
             # a line per stage: a run stopped by a time limit (a slow first compile) still shows where it was
@@ -353,13 +452,31 @@ def main(argv=None) -> dict:
             detail["stage2_steps_skipped"].append(r2.scored.get("skipped"))
             detail["stage2_layer_rows"].append([r2.scored.get("layer_rows"), r2.scored.get("layer_rows_one_per_set")])
             stage2_chains[prompt] = r2.chains
-            # a fixed Stage-2 set of active candidates, so the later steps never shrink to nothing
-            on = [f for f in cands if f in set(active[prompt])] or cands
-            chosen_sets[prompt] = on[:: max(1, len(on) // args.set_size)][:args.set_size]
-        timed("controls", [controls_flow(ctx, p, chosen_sets[p], tau=0.1, jailbroken=False, n_random=1, seed=0,
-                                         prompt_id=i) for i, p in group])
-        for r3 in timed("stage3", [stage3_flow(ctx, i, p, chosen_sets[p], 0.1, models, opts, {}) for i, p in group]):
+            # a fixed Stage-2 set of active candidates, so the later steps never shrink to nothing, and --dormant
+            # inactive ones (the checks' set without them, hydra's dormant features and their wakes)
+            fired = set(active[prompt])
+            on = [f for f in cands if f in fired] or cands
+            off = [f for f in cands if f not in fired][:min(args.dormant, args.set_size - 1)]
+            n_on = args.set_size - len(off)
+            chosen_sets[prompt] = sorted(on[:: max(1, len(on) // n_on)][:n_on] + off)
+        for (_, prompt), rc in zip(group, timed("controls", [
+                controls_flow(ctx, p, chosen_sets[p], tau=0.1, jailbroken=False, n_random=1, seed=0, prompt_id=i)
+                for i, p in group])):
+            randoms[prompt] = [c.features for c in rc.random]
+        for (_, prompt), r3 in zip(group, timed("stage3", [stage3_flow(ctx, i, p, chosen_sets[p], 0.1, models, opts,
+                                                                       {}) for i, p in group])):
             detail["stage3_rows"].append(len(r3.sweep) + (r3.stage3_only is not None))
+            # worst case for the analyses: the sweep's largest K stands for the Stage-3 set
+            stage3_sets[prompt] = sorted({*r3.stage2_active, *r3.fm_ranking[:max(opts.k_values)]})
+        # the per-prompt analyses, grouped as `refusalscope analyze hydra|controls|ce` group them
+        for r in timed("hydra", [hydra_flow(ctx, i, p, {"stage2": chosen_sets[p], "stage3": stage3_sets[p]},
+                                            settings={}, wake_scope="all") for i, p in group]):
+            detail["hydra_dormant"].append(sum(len(x.dormant) for x in r.sets))
+        for r in timed("obrien", [obrien.prompt_flow(ctx, i, p, chosen_sets[p], randoms[p], obrien_k,
+                                                     sorted(stage_saes)) for i, p in group]):
+            detail["obrien_sets"].append([x["n_features"] for x in r["obrien"]])
+        ce_sets = [s for _, p in group for s in (chosen_sets[p], stage3_sets[p])]
+        timed("ce", lambda: list(ablated_sums(runner, ce_sets, ctx.saes, ce_per_forward)))
         if {args.compile_generation, args.compile_scoring} != {"off"}:  # compiled graphs so far (decode steps,
             # decoder layers; a new shape bucket or layer kind adds one)
             from torch._dynamo.utils import counters
@@ -377,6 +494,7 @@ def main(argv=None) -> dict:
     # printed before the reference forms run, so a run stopped during them still reports the fast path
     print("fast path:", json.dumps({"per_prompt": out["per_prompt"], "detail": detail,
                                     "direction_s_per_run": out["direction_s_per_run"],
+                                    "fm_per_run": out["fm_per_run"], "ce_texts_per_run": out["ce_texts_per_run"],
                                     "estimate": out["estimate"]}), flush=True)
     if device.type == "cuda":
         print(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB", flush=True)
@@ -414,6 +532,21 @@ def main(argv=None) -> dict:
             with Meter(device) as m:
                 run_stage3(rctx, i, prompt, chosen_sets[prompt], 0.1, models, ropts, {})
             t["stage3"] += m.seconds
+            # the analyses: one completion per generation call, one ablated row per recording forward
+            with Meter(device) as m:
+                analyse_prompt(rctx, i, prompt, {"stage2": chosen_sets[prompt], "stage3": stage3_sets[prompt]},
+                               settings={}, wake_scope="all")
+            t["hydra"] += m.seconds
+            with Meter(device) as m:  # the plain per-position count, then every set judged
+                counts = obrien.reference_token_counts(lm, stage_saes, prompt)
+                rctx.judged(prompt, [chosen_sets[prompt], *randoms[prompt],
+                                     *(obrien.active_on_at_least(counts, k) for k in obrien_k)])
+            t["obrien"] += m.seconds
+            with Meter(device) as m:  # one text and one set per forward, every layer computed
+                plain = ChunkedCe(lm, texts, 1)
+                for feats in (chosen_sets[prompt], stage3_sets[prompt]):
+                    plain.run(row_sets=[as_latent_set(feats)], saes=ctx.saes)
+            t["ce"] += m.seconds
         for s in STAGES:
             fast = sum(times[s][:n_ref]) / n_ref
             ref[s] = {"reference_s": round(t[s] / n_ref, 3), "fast_s": round(fast, 3),
@@ -442,21 +575,27 @@ def main(argv=None) -> dict:
     return out
 
 
+def once_per_run_s(out: dict) -> float:
+    """Seconds of the once-per-run work: model and SAE setup, direction step, Stage-1 ranking, Stage 3's FM
+    dataset and training, the CE analysis' texts and unablated conditions."""
+    fm = out["fm_per_run"]
+    return (sum(out["setup_s"].values()) + out["direction_s_per_run"] + out["ranking_s_per_run"]
+            + fm["activations"] + fm["training"] + out["ce_texts_per_run"]["seconds"])
+
+
 def run_estimate(out: dict, times: dict[str, list[float]], group: int, n: int) -> dict | None:
-    """Minutes a run of ``n`` prompts would take at this benchmark's sweep sizes: the once-per-run work (model and
-    SAE setup, direction step, Stage-1 ranking), the first group of prompts (which pays any compiling) and
-    n − group more prompts at the mean of the prompts after the first group; None without such prompts. The
-    Stage-3 factorization machine's training and its activation pass are not included (FM training at the Gemma
-    size took 1-2 s on an H100/H200, RESULTS.md "Factorization-machine training")."""
+    """Minutes a run of ``n`` prompts would take at this benchmark's sweep sizes, stages and per-prompt analyses:
+    the once-per-run work (``once_per_run_s``), the first group of prompts (which pays any compiling) and n − group
+    more prompts at the mean of the prompts after the first group; None without such prompts. The FM dataset is
+    ``--fm-prompts`` of each side (520: AdvBench's size)."""
     later = [sum(t[i] for t in times.values()) for i in range(group, len(next(iter(times.values()))))]
     if not later or n < group:
         return None
-    once = sum(out["setup_s"].values()) + out["direction_s_per_run"] + out["ranking_s_per_run"]
+    once = once_per_run_s(out)
     first = sum(sum(t[:group]) for t in times.values())
     per_prompt = sum(later) / len(later)
     return {"prompts": n, "minutes": round((once + first + (n - group) * per_prompt) / 60, 1),
-            "once_s": round(once, 2), "first_group_s": round(first, 2), "later_s_per_prompt": round(per_prompt, 3),
-            "excludes": "Stage-3 FM training and its activation pass"}
+            "once_s": round(once, 2), "first_group_s": round(first, 2), "later_s_per_prompt": round(per_prompt, 3)}
 
 
 def print_table(out: dict) -> None:
@@ -465,6 +604,10 @@ def print_table(out: dict) -> None:
           f"{out['sae_width']} wide on every layer ({out['sae_placement']}), {out['prompt_tokens']}-token prompts, "
           f"{out['device']}; direction {out['direction_s_per_run']} s and ranking {out['ranking_s_per_run']} s "
           f"per run", flush=True)
+    fm, ce = out["fm_per_run"], out["ce_texts_per_run"]
+    print(f"once per run: Stage 3's FM dataset ({fm['rows']} prompts) {fm['activations']} s and training "
+          f"({fm['columns']} columns, layout {fm['layout']}, with the probe) {fm['training']} s; CE texts ({ce['texts']}, "
+          f"{ce['tokens']} tokens) and their unablated conditions {ce['seconds']} s", flush=True)
     print(f"{'stage':<10} {'s/prompt':>10} {mem:>18} {'reference s':>12} {'ratio':>7}")
     for s, v in out["per_prompt"].items():
         r = out["reference"].get(s, {})
@@ -480,8 +623,8 @@ def print_table(out: dict) -> None:
     est = out.get("estimate")
     if est:
         print(f"estimate for {est['prompts']} prompts at these sweep sizes: {est['minutes']} min ({est['once_s']} s "
-              f"once, {est['first_group_s']} s the first group, {est['later_s_per_prompt']} s per later prompt; "
-              f"without {est['excludes']})", flush=True)
+              f"once, {est['first_group_s']} s the first group, {est['later_s_per_prompt']} s per later prompt)",
+              flush=True)
     if "same_sets" in out["reference"].get("stage2", {}):
         print(f"Stage-2 sets equal to the sequential reference's: {out['reference']['stage2']['same_sets']} "
               f"(tau, seed) pairs", flush=True)

@@ -291,6 +291,16 @@ class AnalyzeSettings(_RunOptions):
     seed: int = Field(0, description="random seed of the analysis' random choices")
 
 
+class PromptGroupOptions(BaseModel):
+    """For analyses that generate per prompt (hydra, controls)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_batch: int | None = Field(None, ge=1, description="prompts analysed together, their completions generated "
+                                     "in shared batches of prompt-batch × batch-size rows (default: the run's, else "
+                                     "4); each prompt's results are those it gets alone")
+
+
 class HydraOptions(BaseModel):
     """Dormant ("hydra") features (paper, "Redundant Features", Fig. 2).
 
@@ -435,11 +445,11 @@ class ExplainOptions(BaseModel):
     top_terms: int = Field(30, ge=1, description="content words kept in top_terms.parquet (paper, Table 4: 30)")
 
 
-class HydraSettings(AnalyzeSettings, HydraOptions):
+class HydraSettings(AnalyzeSettings, HydraOptions, PromptGroupOptions):
     """Dormant ("hydra") features: which pipeline features are inactive, and which ablations wake them."""
 
 
-class ControlsSettings(AnalyzeSettings, ObrienOptions):
+class ControlsSettings(AnalyzeSettings, ObrienOptions, PromptGroupOptions):
     """Controls: equal-size random active features and the O'Brien et al. active-feature baseline (ASR vs k)."""
 
 

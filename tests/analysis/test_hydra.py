@@ -257,7 +257,7 @@ def test_rerun_reuses_finished_prompts_and_cached_completions(finished_run, monk
         raise AssertionError("recomputed")
 
     with monkeypatch.context() as m:  # every prompt is finished: no model, no forward
-        m.setattr(hydra, "analyse_prompt", boom)
+        m.setattr(hydra, "hydra_flow", boom)
         m.setattr(FinishedRun, "context", boom)
         again = run_analysis("hydra", HydraSettings(run=run, device="cpu"), progress=False, judge=judge)
     assert again["reused"] == n and {k: again[k] for k in ("dormant", "woken", "graph")} == \
@@ -345,3 +345,35 @@ def test_graph_aggregates_edges_and_keeps_the_most_found():
     assert set(top.edges) == {("L3/1", "L5/2")}
     assert set(hydra.build_graph(edges, scope="all", min_prompts=2).edges) == {("L3/1", "L5/2")}
     assert set(hydra.build_graph(edges, scope="set").edges) == {("L3/1", "L6/9")}
+
+
+def test_prompts_in_groups_give_the_results_of_one_at_a_time(finished_run, monkeypatch, tmp_path):
+    """--prompt-batch: a group's sets are generated in one call, and every prompt's file is the one it gets
+    analysed alone."""
+    from refusalscope.stages import context as context_mod
+
+    run, judge = finished_run
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    for r in (run, alone):  # nothing cached: every set is generated here
+        (r / "completions.sqlite").unlink()
+    calls: list[int] = []
+    real_generate = context_mod.generate
+
+    def counting(lm, prompts, **kw):
+        calls.append(len(prompts))
+        return real_generate(lm, prompts, **kw)
+
+    monkeypatch.setattr(context_mod, "generate", counting)
+    n = len(FinishedRun(run).records)
+    assert n >= 2
+    run_analysis("hydra", HydraSettings(run=alone, device="cpu", prompt_batch=1), progress=False, judge=judge)
+    one_at_a_time = list(calls)
+    calls.clear()
+    run_analysis("hydra", HydraSettings(run=run, device="cpu", prompt_batch=n), progress=False, judge=judge)
+    assert len(one_at_a_time) == n and calls == [sum(one_at_a_time)]
+    files = sorted(p.name for p in (run / "analyses/hydra/prompts").glob("*.json"))
+    assert len(files) == n
+    for name in files:
+        assert (run / "analyses/hydra/prompts" / name).read_text() == \
+            (alone / "analyses/hydra/prompts" / name).read_text()

@@ -124,3 +124,36 @@ def test_bad_k_values_fail_before_loading(finished_run, monkeypatch):
 
     with pytest.raises(RefusalScopeError, match="k-values"):
         run_analysis("controls", ControlsSettings(run=run, k_values=[0, 2]), progress=False, judge=judge)
+
+
+def test_prompts_in_groups_give_the_results_of_one_at_a_time(finished_run, monkeypatch, tmp_path):
+    """--prompt-batch: a group's O'Brien sets are generated in one call, and every prompt's file is the one it gets
+    analysed alone."""
+    import shutil
+
+    run, judge = finished_run
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    calls: list[int] = []
+    real_generate = context_mod.generate
+
+    def counting(lm, prompts, **kw):
+        calls.append(len(prompts))
+        return real_generate(lm, prompts, **kw)
+
+    monkeypatch.setattr(context_mod, "generate", counting)
+    n = len(FinishedRun(run).records)
+    assert n >= 2
+    ks = [1, 2, 1000]
+    run_analysis("controls", ControlsSettings(run=alone, k_values=ks, device="cpu", prompt_batch=1),
+                 progress=False, judge=judge)
+    one_at_a_time = list(calls)
+    calls.clear()
+    run_analysis("controls", ControlsSettings(run=run, k_values=ks, device="cpu", prompt_batch=n), progress=False,
+                 judge=judge)
+    assert len(one_at_a_time) == n and len(calls) == 1 and calls[0] == sum(one_at_a_time)
+    files = sorted(p.name for p in (run / "analyses/controls/prompts").glob("*.json"))
+    assert len(files) == n
+    for name in files:
+        assert (run / "analyses/controls/prompts" / name).read_text() == \
+            (alone / "analyses/controls/prompts" / name).read_text()

@@ -1,5 +1,6 @@
-"""benchmarks/pipeline_gpu.py at toy size on the CPU, so the GPU benchmark cannot rot: every stage is timed, every
-sweep runs to its cap, and the reference ratios are there."""
+"""benchmarks/pipeline_gpu.py at toy size on the CPU, so the GPU benchmark cannot rot: every stage and per-prompt
+analysis is timed, every sweep runs to its cap, the once-per-run work (FM, CE texts) is counted, and the reference
+ratios are there."""
 
 import json
 
@@ -16,7 +17,8 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
     assert json.loads(path.read_text()) == out
     printed = capsys.readouterr().out
     assert json.loads(printed.strip().splitlines()[-1]) == out  # the last line is the JSON object
-    for stage in ("stage1", "stage2", "controls", "stage3"):
+    assert bench.STAGES == ("stage1", "stage2", "controls", "stage3", "hydra", "obrien", "ce")
+    for stage in bench.STAGES:
         assert stage in printed
         times = out["per_prompt"][stage]
         assert len(times["seconds"]) == 2 and times["seconds_mean"] > 0 and times["rss_high_water_mb"] > 0
@@ -26,8 +28,8 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
         hi = (ref["reference_s"] + 5e-4) / max(ref["fast_s"] - 5e-4, 1e-9)
         assert ref["reference_s"] > 0 and lo * 0.99 - 0.005 <= ref["ratio"] <= hi * 1.01 + 0.005  # ratio: 2 decimals
     total = out["reference"]["total"]
-    assert total["reference_s"] == pytest.approx(sum(out["reference"][s]["reference_s"] for s in
-                                                     ("stage1", "stage2", "controls", "stage3")), abs=5e-3)
+    assert total["reference_s"] == pytest.approx(sum(out["reference"][s]["reference_s"] for s in bench.STAGES),
+                                                 abs=5e-3)
     assert total["ratio"] == pytest.approx(total["reference_s"] / total["fast_s"], rel=0.02, abs=0.01)
     assert "warm_ratio" not in total  # both prompts ran in the first group: no warm prompt to compare
     assert out["estimate"] is None  # nor one to estimate a longer run from
@@ -44,6 +46,15 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
     assert min(out["active_features_per_prompt"]) > max(out["stage3_k"])  # Stage 3 has enough candidates
     assert out["prompt_batch"] == 2 and out["generation_batch"] == 2 * toy["batch_size"]
     assert out["reference"]["stage2"]["same_sets"] == "1 of 1"  # fp32: the fast path keeps the reference's sets
+    # the analyses: the Stage-2 set's dormant features found by hydra, the O'Brien sets shrinking with k
+    assert d["hydra_dormant"] == [toy["dormant"]] * 2
+    assert all(len(x) == 8 and x == sorted(x, reverse=True) and x[0] > 0 for x in d["obrien_sets"])
+    # once per run: the FM on fm_prompts of each side (80/10/10 of both), trained; the CE texts of both corpora
+    fm, ce = out["fm_per_run"], out["ce_texts_per_run"]
+    assert fm["rows"] == 2 * toy["fm_prompts"] and fm["columns"] > 0 and fm["training"] > 0
+    assert fm["activations"] > 0 and fm["layout"] in ("max", "positions")
+    assert ce["texts"] == 2 * toy["ce_texts"] and 0 < ce["tokens"] <= ce["texts"] * toy["ce_max_tokens"]
+    assert "once per run: Stage 3's FM dataset" in printed
 
 
 def test_pipeline_benchmark_with_saes_held_in_bfloat16(monkeypatch):
@@ -54,7 +65,7 @@ def test_pipeline_benchmark_with_saes_held_in_bfloat16(monkeypatch):
                       "--stage3-k", "4", "--probe-k", "4"])
     assert out["sae_dtype"] == "bfloat16" and out["sae_stage_dtype"] == "bfloat16"  # a CPU run keeps the holding
     assert out["reference"]["stage2"]["same_sets"] == "1 of 1"
-    assert all(out["per_prompt"][s]["seconds_mean"] > 0 for s in ("stage1", "stage2", "controls", "stage3"))
+    assert all(out["per_prompt"][s]["seconds_mean"] > 0 for s in bench.STAGES)
 
 
 def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeypatch):
@@ -63,13 +74,17 @@ def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeyp
     out = _compiled_toy(monkeypatch, "--compile-generation")
     # the first prompt pays the compiles; the ratio against the second one leaves them out
     total = out["reference"]["total"]
-    warm = sum(out["per_prompt"][s]["seconds"][1] for s in ("stage1", "stage2", "controls", "stage3"))
+    stages = list(out["per_prompt"])  # the benchmark's STAGES, in order
+    warm = sum(out["per_prompt"][s]["seconds"][1] for s in stages)
     assert total["warm_fast_s"] == pytest.approx(warm, abs=5e-3)
     assert total["warm_ratio"] == pytest.approx(total["reference_s"] / total["warm_fast_s"], rel=0.02, abs=0.01)
-    # AdvBench-520 at these sweep sizes: once-per-run work, the first prompt, 519 more at the second's time
+    # AdvBench-520 at these sweep sizes: once-per-run work (setup, direction, ranking, the FM, the CE texts), the
+    # first prompt, 519 more at the second's time
     est = out["estimate"]
-    once = sum(out["setup_s"].values()) + out["direction_s_per_run"] + out["ranking_s_per_run"]
-    first = sum(out["per_prompt"][s]["seconds"][0] for s in ("stage1", "stage2", "controls", "stage3"))
+    fm = out["fm_per_run"]
+    once = (sum(out["setup_s"].values()) + out["direction_s_per_run"] + out["ranking_s_per_run"]
+            + fm["activations"] + fm["training"] + out["ce_texts_per_run"]["seconds"])
+    first = sum(out["per_prompt"][s]["seconds"][0] for s in stages)
     assert est["prompts"] == 520 and est["later_s_per_prompt"] == pytest.approx(warm, abs=5e-3)
     assert est["minutes"] == pytest.approx((once + first + 519 * warm) / 60, abs=0.1)
 

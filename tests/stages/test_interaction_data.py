@@ -91,6 +91,33 @@ def test_encode_last_positions_matches_one_prompt_reference(tiny_lm, saes):
     assert keys == sorted(keys)
 
 
+def test_host_held_saes_bring_each_encoder_over_once_with_the_same_codes(tiny_lm, saes, monkeypatch):
+    """SAEs held in bfloat16 (not ready on the model's device) are encoded layer by layer over every batch of the
+    call, each layer's encoder converted once, and give the per-batch codes of the same values held in float32."""
+    from helpers import bf16_valued
+
+    from refusalscope.saes.placement import hold
+
+    fp32 = {layer: bf16_valued(sae) for layer, sae in saes.items()}
+    held = {layer: hold(sae, torch.bfloat16) for layer, sae in fp32.items()}
+    conversions = []
+    real = idata.encoder_on
+
+    def counting(sae, device):
+        out = real(sae, device)
+        conversions.append(out is not sae)
+        return out
+
+    monkeypatch.setattr(idata, "encoder_on", counting)
+    batches = []
+    want = encode_last_positions(tiny_lm, fp32, PROMPTS, batch_size=3)
+    assert conversions == [False] * (3 * 3)  # float32 on the CPU: no copy, per layer and batch
+    conversions.clear()
+    got = encode_last_positions(tiny_lm, held, PROMPTS, batch_size=3, on_batch=batches.append)
+    assert conversions == [True] * 3 and batches == [len(PROMPTS)]  # one conversion per layer, for all 3 batches
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_encode_stops_after_highest_sae_layer(tiny_lm, saes):
     calls = []
     handle = decoder_layers(tiny_lm.model)[3].register_forward_hook(lambda *a: calls.append(1))

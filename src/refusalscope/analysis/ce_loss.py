@@ -250,6 +250,24 @@ def lowest_layer(features: Sequence[Feature]) -> int:
     return min(f.layer for f in features)
 
 
+def sets_per_forward(setting: int | None, device) -> int:
+    """Feature sets in one batched forward: the setting, else 8 on a GPU and 1 on a CPU (our choice: a CPU forward
+    is compute-bound already, a GPU one is not at these sizes)."""
+    return setting or (8 if torch.device(device).type == "cuda" else 1)
+
+
+def ablated_sums(runner: ChunkedCe, sets: Sequence[Sequence[Feature]], saes: Mapping[int, Sae],
+                 per_forward: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Per-text CE sums with each feature set ablated (error term kept), ``per_forward`` sets per batched forward,
+    lowest layer first (so each chunk's clean prefix cache only moves up): yields (indices into ``sets``, their
+    (k, n_texts) sums), group by group."""
+    order = sorted(range(len(sets)), key=lambda i: (lowest_layer(sets[i]), i))
+    for start in range(0, len(order), per_forward):
+        group = order[start:start + per_forward]
+        yield group, runner.run(k=len(group), replay_layer=lowest_layer(sets[group[0]]),
+                                row_sets=[as_latent_set(sets[i]) for i in group], saes=saes)
+
+
 # ---- the analysis ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -335,21 +353,17 @@ def run(finished, settings, progress: bool) -> dict:
                                                                                             completions)]
                              + [prose_text(tok, p, settings.max_tokens) for p in passages]) if t is not None]
         runner = ChunkedCe(ctx.lm, texts, settings.batch_size)
-        k_max = settings.sets_per_forward or (8 if torch.device(ctx.lm.device).type == "cuda" else 1)
         with tqdm(total=len(todo), desc="ce sets", unit="set", disable=not progress, dynamic_ncols=True) as bar:
             for job in [j for j in todo if not j.features]:
                 ivs = [] if job.condition == "baseline" else [DirectionAblation(finished.direction()[0]
                                                                                 .to(ctx.lm.device))]
                 store.write_json(job.part, _part(job, key, texts, runner.run(ivs)[0]))
                 bar.update()
-            # lowest layer first: the clean prefix cache of each chunk only moves up
-            feats = sorted((j for j in todo if j.features), key=lambda j: (lowest_layer(j.features), j.part))
-            for start in range(0, len(feats), k_max):
-                group = feats[start:start + k_max]
-                sums = runner.run(k=len(group), replay_layer=lowest_layer(group[0].features),
-                                  row_sets=[as_latent_set(j.features) for j in group], saes=ctx.saes)
-                for j, job in enumerate(group):
-                    store.write_json(job.part, _part(job, key, texts, sums[j]))
+            feats = sorted((j for j in todo if j.features), key=lambda j: j.part)
+            per_forward = sets_per_forward(settings.sets_per_forward, ctx.lm.device)
+            for group, sums in ablated_sums(runner, [j.features for j in feats], ctx.saes, per_forward):
+                for j, i in enumerate(group):
+                    store.write_json(feats[i].part, _part(feats[i], key, texts, sums[j]))
                 bar.update(len(group))
     parts = [store.read_json(j.part) for j in jobs]
     return _tables(store, parts, settings, meta, skipped, max_new_tokens, SOTU)

@@ -151,6 +151,16 @@ class FinishedRun:
                             sae_dtype=sae_dtype,
                             cache=CompletionCache(self.store.path("completions.sqlite")))
 
+    def prompt_batch(self, setting: int | None = None) -> int:
+        """Prompts an analysis runs together (``--prompt-batch``): the setting, else the run's, else 4 (the run's
+        default, ``pipeline.steps.prompt_batch``)."""
+        return int(setting or self.config.get("prompt_batch") or 4)
+
+    def batch_size(self, setting: int | None, prompt_batch: int) -> int:
+        """Completions per generation batch for ``prompt_batch`` prompts together: the per-prompt batch size (the
+        setting, else the run's) times the group, as ``refusalscope run`` sizes its batches."""
+        return int(setting or self.config.get("batch_size", 16)) * prompt_batch
+
     def compile_mode(self, lm, saes: Mapping | None = None) -> str:
         """The run's compile mode on ``lm``'s device with ``saes``, "auto" decided as the run did (on its processed
         prompts), so an analysis finds the run's compiled or eager completions in the cache."""

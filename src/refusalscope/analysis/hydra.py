@@ -301,14 +301,10 @@ def firings(acts: torch.Tensor, features: Sequence[Feature], threshold: float = 
     return out
 
 
-def analyse_prompt(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence[Feature]], *, settings: dict,
-                   threshold: float = 0.0, spans: TemplateSpans | None = None,
-                   wake_scope: str = "set") -> HydraPrompt:
-    """Dormant features, the jailbreak with and without them, what wakes them: one prompt, every set in ``sets``.
-
-    ``ctx`` is a ``StageContext``; all ablated forwards of the prompt (every set's A and layer-blocks) run as rows
-    of one batch (``record_with_wakes``). ``wake_scope`` "all" also keeps every latent of ``ctx.saes`` that those
-    ablations switch on (``SetResult.woken_all``/``blocks_all``), read in the same forwards."""
+def hydra_flow(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence[Feature]], *, settings: dict,
+               threshold: float = 0.0, spans: TemplateSpans | None = None, wake_scope: str = "set"):
+    """``analyse_prompt`` as a flow (``StageContext.lockstep``): every set and its active part are one request, so
+    several prompts' completions share generation batches (``--prompt-batch``)."""
     if wake_scope not in SCOPES:
         raise RefusalScopeError(f"wake_scope must be one of {', '.join(SCOPES)}, not {wake_scope!r}")
     _, texts, segments = prompt_tokens(ctx.lm.tokenizer, prompt, spans)
@@ -316,7 +312,7 @@ def analyse_prompt(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence
     union = sorted({f for fs in sets.values() for f in fs})
     clean = ctx.activations(prompt, union) if union else {}
     split = {name: split_dormant(fs, clean, threshold) for name, fs in sets.items()}
-    judged = ctx.judged(prompt, [x for name, fs in sets.items() for x in (fs, split[name][1])])
+    judged = yield [(prompt, x) for name, fs in sets.items() for x in (fs, split[name][1])]
     # rows: every set's A and its layer-blocks, deduplicated
     rows: dict[tuple[Feature, ...], int] = {}
     plan, plan_all = {}, {}
@@ -362,6 +358,18 @@ def analyse_prompt(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence
                        if ctx.saes[layer].max_norm is not None})
     return HydraPrompt(id=prompt_id, prompt=prompt, settings=settings, tokens=texts, segments=segments,
                        max_norm_layers=max_norm, sets=results)
+
+
+def analyse_prompt(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence[Feature]], *, settings: dict,
+                   threshold: float = 0.0, spans: TemplateSpans | None = None,
+                   wake_scope: str = "set") -> HydraPrompt:
+    """Dormant features, the jailbreak with and without them, what wakes them: one prompt, every set in ``sets``.
+
+    ``ctx`` is a ``StageContext``; all ablated forwards of the prompt (every set's A and layer-blocks) run as rows
+    of one batch (``record_with_wakes``). ``wake_scope`` "all" also keeps every latent of ``ctx.saes`` that those
+    ablations switch on (``SetResult.woken_all``/``blocks_all``), read in the same forwards."""
+    return ctx.lockstep([hydra_flow(ctx, prompt_id, prompt, sets, settings=settings, threshold=threshold,
+                                    spans=spans, wake_scope=wake_scope)])[0]
 
 
 # ---- tables -------------------------------------------------------------------------------------------------------
@@ -602,31 +610,42 @@ def run(finished, settings, progress: bool = True) -> dict:
     ctx_cache: list = []
     spans_cache: list = []
 
+    group = finished.prompt_batch(settings.prompt_batch)
+
     def context():
         if not ctx_cache:
             ctx_cache.append(finished.context(device=_explicit(settings, "device"), dtype=_explicit(settings, "dtype"),
                                               judge=settings.judge, max_new_tokens=settings.max_new_tokens,
-                                              batch_size=_explicit(settings, "batch_size")))
+                                              batch_size=finished.batch_size(_explicit(settings, "batch_size"),
+                                                                             group)))
             spans_cache.append(template_spans(ctx_cache[0].lm.tokenizer))
         return ctx_cache[0]
 
-    results, reused = [], 0
-    for rec in tqdm(records, desc="hydra", unit="prompt", disable=not progress, dynamic_ncols=True):
+    done: dict[int, HydraPrompt] = {}
+    todo = []
+    for rec in records:
         sets = {"stage2": finished.stage2_set(rec), "stage3": finished.stage3_set(rec.id)}
         sets = {name: sets[name] for name in use}
         key = prompt_settings(finished, settings, sets)
-        name = HydraPrompt.file_name(rec.id)
-        old = _read(store, name)
+        old = _read(store, HydraPrompt.file_name(rec.id))
         if old is not None and old.settings == key and old.prompt == rec.prompt:
-            results.append(old)
-            reused += 1
-            continue
-        ctx = context()
-        res = analyse_prompt(ctx, rec.id, rec.prompt, sets, settings=key, threshold=settings.threshold,
-                             spans=spans_cache[0], wake_scope=settings.wake_scope)
-        store.write_json(name, res.model_dump(mode="json"))
-        results.append(res)
-    return write_outputs(store, results, settings, reused)
+            done[rec.id] = old
+        else:
+            todo.append((rec, sets, key))
+    reused = len(done)
+    with tqdm(total=len(records), initial=reused, desc="hydra", unit="prompt", disable=not progress,
+              dynamic_ncols=True) as bar:
+        # a group's completions share generation batches; each prompt's file is written as its group ends
+        for start in range(0, len(todo), group):
+            ctx = context()
+            part = todo[start:start + group]
+            flows = [hydra_flow(ctx, rec.id, rec.prompt, sets, settings=key, threshold=settings.threshold,
+                                spans=spans_cache[0], wake_scope=settings.wake_scope) for rec, sets, key in part]
+            for (rec, _, _), res in zip(part, ctx.lockstep(flows)):
+                store.write_json(HydraPrompt.file_name(rec.id), res.model_dump(mode="json"))
+                done[rec.id] = res
+            bar.update(len(part))
+    return write_outputs(store, [done[rec.id] for rec in records], settings, reused)
 
 
 def _read(store, name: str) -> HydraPrompt | None:

@@ -91,19 +91,21 @@ def stage_layers(finished: FinishedRun) -> list[int]:
 
 # ---- one prompt ---------------------------------------------------------------------------------------------------
 
-def _prompt_result(finished: FinishedRun, ctx, rec, k_values: Sequence[int], layer_set: set[int]) -> dict:
-    """The prompt's Stage-2 set, its random controls and the O'Brien set at every k, judged in one call."""
-    counts = token_counts(ctx.lm, {layer: s for layer, s in ctx.saes.items() if layer in layer_set}, rec.prompt)
-    stage2 = finished.stage2_set(rec)
-    randoms = [c.features for c in rec.controls.random] if rec.controls is not None else []
+def prompt_flow(ctx, prompt_id: int, prompt: str, stage2: Sequence[Feature], randoms: Sequence[Sequence[Feature]],
+                k_values: Sequence[int], layers: Sequence[int]):
+    """The prompt's Stage-2 set, its random controls and the O'Brien set at every k (features active on ≥ k tokens
+    at ``layers``), judged as one request: a flow (``StageContext.lockstep``), so several prompts' completions
+    share generation batches. Returns the prompt's result record."""
+    counts = token_counts(ctx.lm, {layer: s for layer, s in ctx.saes.items() if layer in set(layers)}, prompt)
+    randoms = [list(r) for r in randoms]
     obrien = [active_on_at_least(counts, k) for k in k_values]
-    sets = ([stage2] if stage2 else []) + randoms + obrien  # one call: distinct sets are generated once
-    judged = ctx.judged(rec.prompt, sets)
+    sets = ([list(stage2)] if stage2 else []) + randoms + obrien  # one request: distinct sets are generated once
+    judged = yield [(prompt, x) for x in sets]
     j_stage2 = judged[0] if stage2 else None
     j_random = judged[len(sets) - len(obrien) - len(randoms):len(sets) - len(obrien)]
     j_obrien = judged[len(sets) - len(obrien):]
     return {
-        "id": rec.id,
+        "id": prompt_id,
         "stage2": {"size": len(stage2), **(j_stage2.as_dict() if j_stage2 else {"jailbroken": False})},
         "random": [{"features": feature_strings(s), **r.as_dict()} for s, r in zip(randoms, j_random)],
         "obrien": [{"k": k, "n_features": len(s), **r.as_dict()} for k, s, r in zip(k_values, obrien, j_obrien)],
@@ -173,24 +175,37 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
     # the Stage-2 and random sets may name layers the context must load too (they are normally stage layers)
     extra = {f.layer for rec in records for f in finished.stage2_set(rec)}
     extra |= {f.layer for rec in records if rec.controls for c in rec.controls.random for f in c.features}
+    group = finished.prompt_batch(settings.prompt_batch)
+    explicit = settings.batch_size if "batch_size" in settings.model_fields_set else None
     ctx = finished.context(device=settings.device, dtype=settings.dtype, judge=settings.judge,
-                           max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                           max_new_tokens=settings.max_new_tokens, batch_size=finished.batch_size(explicit, group),
                            layers=sorted(set(layers) | extra))
     judge = ctx.judge.name
     key = digest({"k_values": k_values, "layers": layers, "judge": judge, **ctx.generation_settings})
-    results = []
-    for rec in tqdm(records, desc="controls", unit="prompt", disable=not progress, dynamic_ncols=True):
-        name = f"{OUT}/prompts/{rec.id:05d}.json"
+    done: dict[int, dict] = {}
+    todo = []
+    for rec in records:
         randoms = [c.features for c in rec.controls.random] if rec.controls is not None else []
         mine = digest([key, rec.prompt, finished.stage2_set(rec), randoms])  # a resumed pipeline may change them
-        if finished.store.exists(name):
-            old = finished.store.read_json(name)
-            if old.get("key") == mine:
-                results.append(old)
-                continue
-        res = {"key": mine, **_prompt_result(finished, ctx, rec, k_values, set(layers))}
-        finished.store.write_json(name, res)
-        results.append(res)
+        name = f"{OUT}/prompts/{rec.id:05d}.json"
+        old = finished.store.read_json(name) if finished.store.exists(name) else None
+        if old is not None and old.get("key") == mine:
+            done[rec.id] = old
+        else:
+            todo.append((rec, randoms, mine))
+    with tqdm(total=len(records), initial=len(done), desc="controls", unit="prompt", disable=not progress,
+              dynamic_ncols=True) as bar:
+        # a group's completions share generation batches; each prompt's file is written as its group ends
+        for start in range(0, len(todo), group):
+            part = todo[start:start + group]
+            flows = [prompt_flow(ctx, rec.id, rec.prompt, finished.stage2_set(rec), randoms, k_values, layers)
+                     for rec, randoms, _ in part]
+            for (rec, _, mine), res in zip(part, ctx.lockstep(flows)):
+                res = {"key": mine, **res}
+                finished.store.write_json(f"{OUT}/prompts/{rec.id:05d}.json", res)
+                done[rec.id] = res
+            bar.update(len(part))
+    results = [done[rec.id] for rec in records]
 
     random_t, obrien_t, asr = _tables(results)
     finished.store.write_table(f"{OUT}/random.parquet", random_t)

@@ -97,7 +97,7 @@ def encode_last_positions(lm, saes: Mapping[int, Sae], prompts: Sequence[str], *
     (-n_positions..-1; prompts are left-padded, so these are the same template tokens in every row), entries
     ordered by (row, position, layer, latent). One forward per batch, stopped after the highest SAE layer; each
     SAE's own ``encode`` (with its ``max_norm`` domain rule) runs on the recorded positions, one layer at a time.
-    ``on_batch(n)`` is called after each batch of n prompts.
+    ``on_batch(n)`` is called after each batch of n prompts (with host-held SAEs, once for all of them).
     """
     if n_positions < 1:
         raise RefusalScopeError(f"n_positions must be at least 1, got {n_positions}")
@@ -107,8 +107,9 @@ def encode_last_positions(lm, saes: Mapping[int, Sae], prompts: Sequence[str], *
     layers = sorted(int(ly) for ly in saes)
     last = layers[-1]
     texts = format_chat(lm.tokenizer, prompts)
-    parts: list[dict[str, torch.Tensor]] = []
-    for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
+
+    def record(rows: list[int]) -> dict[int, torch.Tensor]:
+        """One forward of the batch, stopped after the highest SAE layer: each layer's last positions."""
         batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
         if not bool(batch["attention_mask"][:, -n_positions:].all()):
             raise RefusalScopeError(f"a formatted prompt is shorter than n_positions={n_positions} tokens")
@@ -126,18 +127,29 @@ def encode_last_positions(lm, saes: Mapping[int, Sae], prompts: Sequence[str], *
                 lm.model(**batch, logits_to_keep=1, use_cache=False)
         except StopForward:
             pass
-        row_ids = torch.tensor(rows, dtype=torch.int32)
+        return acts
+
+    batches = list(length_sorted_batches(texts, lm.tokenizer, batch_size))
+    # SAEs held elsewhere (host memory, or bfloat16) bring each layer's encoder over once for all of this call's
+    # batches, not once per batch: their last positions are recorded first (small: prompts × n_positions × d per
+    # layer). Each batch is still encoded alone, so the results are the per-batch ones, bit for bit
+    host = any(not saes[layer].ready_on(lm.device) for layer in layers)
+    parts: list[dict[str, torch.Tensor]] = []
+    for group in ([batches] if host else [[rows] for rows in batches]):
+        recorded = [(rows, record(rows)) for rows in group]
         for layer in layers:
-            sae = saes[layer]
-            # (B, n_positions, width): one layer, one batch; a host-held layer's encoder comes over as float32
-            z = encoder_on(sae, lm.device).encode(acts.pop(layer))
-            b, p, j = (z > 0).nonzero(as_tuple=True)
-            parts.append({"row": row_ids[b.cpu()], "position": (p - n_positions).to(torch.int32).cpu(),
-                          "layer": torch.full((len(b),), layer, dtype=torch.int32),
-                          "latent": j.to(torch.int32).cpu(), "value": z[b, p, j].float().cpu()})
-            del z
+            enc = encoder_on(saes[layer], lm.device)  # float32 on the model's device (itself when already so)
+            for rows, acts in recorded:
+                z = enc.encode(acts.pop(layer))  # (B, n_positions, width): one layer, one batch
+                b, p, j = (z > 0).nonzero(as_tuple=True)
+                parts.append({"row": torch.tensor(rows, dtype=torch.int32)[b.cpu()],
+                              "position": (p - n_positions).to(torch.int32).cpu(),
+                              "layer": torch.full((len(b),), layer, dtype=torch.int32),
+                              "latent": j.to(torch.int32).cpu(), "value": z[b, p, j].float().cpu()})
+                del z
+            del enc
         if on_batch is not None:
-            on_batch(len(rows))
+            on_batch(sum(len(rows) for rows, _ in recorded))
     return _sorted_coo(_cat_coo(parts))
 
 
