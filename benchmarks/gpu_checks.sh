@@ -4,10 +4,12 @@
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
 # Usage, from the repository root:
 #   OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep|profile|stage2]
-# Every pipeline_gpu.py line also runs the once-per-run work (Stage 3's FM on 520 + 520 prompts, the CE texts) and
-# the per-prompt analyses; the limits below were raised for them (not yet run on a GPU).
-#   batch (~9 min): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
-#   rows (~4 min): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
+# Every pipeline_gpu.py line also runs the once-per-run work (Stage 3's FM on 520 + 520 prompts, the CE texts; the
+# rows mode's chunk lines and the 131k line use 16 and 64 FM prompts, as they measure other things) and the
+# per-prompt analyses; the limits below were raised for them, untried on a GPU. Each mode's limits sum to under the
+# device tool's 10 minutes per command.
+#   batch (~9 min at most): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
+#   rows (~5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
 #   with the sweeps' K values in batches of 5 (the default) and of 20 (--k-chunk; 32 rows per generation batch)
 #   compile (~10 min at most): the compiled-generation CUDA test, then Gemma-2-2B/65k prompts with
@@ -47,8 +49,9 @@ run_rows() {
         --batch-size 1024 --repeats 2 --sequential-taus "" --rows-off | tee "$OUT/stage2_rows.json"
     for c in 5 20; do
         echo "== gemma-2-2b, 65k, one prompt, sweeps' K values $c per generation batch"
-        timeout "${CHUNK_S:-100}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts 1 --reference-prompts 0 --k-chunk "$c" --batch-size 32 --json "$OUT/gemma65k_chunk$c.json"
+        timeout "${CHUNK_S:-75}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+            --prompts 1 --reference-prompts 0 --k-chunk "$c" --batch-size 32 --fm-prompts 16 --ce-texts 8 \
+            --json "$OUT/gemma65k_chunk$c.json"
     done
 }
 
@@ -64,11 +67,11 @@ run_compile() {
     # compiled first: 3 prompts (the first pays the compile, the later are warm) and the eager reference forms on
     # the first (~100 s), so the warm ratio compares warm compiled prompts with them; then eager, 2 prompts
     echo "== gemma-2-2b, 65k, 3 prompts, --compile-generation inductor, reference on the first"
-    timeout "${COMPILE_S:-460}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${COMPILE_S:-400}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 3 --reference-prompts 1 --compile-generation inductor \
         --json "$OUT/gemma65k_compile_inductor.json"
     echo "== gemma-2-2b, 65k, 2 prompts, --compile-generation off"
-    timeout "${EAGER_S:-150}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${EAGER_S:-110}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 2 --reference-prompts 0 --compile-generation off --json "$OUT/gemma65k_compile_off.json"
 }
 
@@ -79,7 +82,7 @@ run_lockstep() {
     # is about the setup, the first group and 31.5 more groups at the second's time; then the eager reference forms
     # on the first prompt (~100 s) for the ratio against the warm group
     echo "== gemma-2-2b, 65k, 32 prompts in lockstep groups of 16, --compile-generation inductor, reference on one"
-    timeout "${LOCKSTEP_S:-560}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${LOCKSTEP_S:-500}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 32 --prompt-batch 16 --reference-prompts 1 --compile-generation inductor \
         --compile-scoring "${SCORING:-off}" --json "$OUT/gemma65k_lockstep16_compiled.json"
 }
@@ -109,11 +112,11 @@ run_batch() {
     cd benchmarks || exit 1
     # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
     echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
-    timeout "${BASE_S:-150}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+    timeout "${BASE_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
         --prompts 2 --prompt-batch 1 --reference-prompts 0 --json "$OUT/gemma65k_batch1.json"
     for g in 4 16; do
         echo "== gemma-2-2b, 65k, $g prompts in lockstep"
-        timeout "${GEMMA_S:-260}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
+        timeout "${GEMMA_S:-230}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
             --prompts "$g" --prompt-batch "$g" --reference-prompts 0 --json "$OUT/gemma65k_batch$g.json"
     done
 }
@@ -121,23 +124,23 @@ run_batch() {
 run_all() {
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "== CUDA tests"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py \
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/stages/test_fm.py tests/saes/test_placement.py \
         tests/interventions/test_shared_rows.py tests/lm/test_compiled.py -k cuda
     cd benchmarks || exit 1
     echo "== toy on CUDA, fp32"
-    timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --json "$OUT/toy_cuda.json"
+    timeout 45 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --json "$OUT/toy_cuda.json"
     echo "== toy on CUDA, fp32, shared rows"
-    timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --shared-rows on \
+    timeout 45 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --shared-rows on \
         --json "$OUT/toy_cuda_rows.json"
     echo "== toy on CUDA, fp32, SAEs held on the host in bfloat16 (--sae-dtype)"
-    timeout 60 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --sae-placement host --sae-dtype bfloat16 \
+    timeout 45 python3 pipeline_gpu.py --toy --device cuda --dtype fp32 --sae-placement host --sae-dtype bfloat16 \
         --json "$OUT/toy_cuda_host_bf16.json"
     echo "== gemma-2-2b, 65k JumpReLU SAEs on every layer"
-    timeout "${GEMMA_S:-320}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 2 \
+    timeout "${GEMMA_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 2 \
         --json "$OUT/gemma65k.json"
     echo "== llama-3.1-8b, 131k SAEs on every layer, host placement"
-    timeout "${LLAMA_S:-300}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 1 \
-        --reference-prompts 0 --sae-placement host --sae-dtype "${LLAMA_SAE_DTYPE:-float32}" \
+    timeout "${LLAMA_S:-160}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 1 \
+        --reference-prompts 0 --fm-prompts 64 --sae-placement host --sae-dtype "${LLAMA_SAE_DTYPE:-float32}" \
         --json "$OUT/llama131k.json"
 }
 

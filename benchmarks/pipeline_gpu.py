@@ -37,7 +37,8 @@ peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water
 - Stage 2: ``prune_sequential`` (two sets per forward, nothing shared) for ``--reference-pairs`` (τ, seed) pairs,
   scaled to all 24 pairs (its cost per pair is about the same).
 With ``--prompt-batch G`` each stage and analysis runs G prompts in lockstep (``StageContext.lockstep``; CE: the
-group's sets, 8 per forward on a GPU) and every prompt of the group is charged the group's time / G. Prints one JSON object last (also written to ``--json``).
+group's sets, 8 per forward on a GPU) and every prompt of the group is charged the group's time / G. Prints one
+JSON object last (also written to ``--json``).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def build(args, device: torch.device) -> dict:
                                     hold_dtype=torch.bfloat16 if args.sae_dtype == "bfloat16" else None)
     saes = place_saes(saes, device, where)
     sync(device)
-    return {"lm": lm, "saes": saes, "placement": where, "words": _words(texts), "n_layers": n_layers, "d": d, "vocab": vocab,
+    return {"lm": lm, "saes": saes, "placement": where, "words": _words(texts), "n_layers": n_layers, "d": d,
+            "vocab": vocab,
             "model_s": t_model, "saes_s": time.perf_counter() - t0,
             "prompt_tokens": int(tokenize(tok, format_chat(tok, synthetic_prompts(1)), "cpu")["input_ids"].shape[1])}
 
@@ -298,14 +300,15 @@ def fm_step(lm, saes, args, stage2_features, tmp: Path) -> dict:
         files[side].write_text("\n".join(synthetic_prompts(args.fm_prompts, offset=FM_OFFSET, harmless=harmless)))
     opts = Stage3Options(harmful=str(files["harmful"]), harmless=str(files["harmless"]))
     store = RunStore(tmp / "fm")
-    spent = {"activations": 0.0}
+    spent = {"activations": 0.0, "peak_mb": 0.0}
     device = torch.device(lm.device)
 
-    def compute(items):  # the activation pass, chunk by chunk
-        with Meter(device) as m:
+    def compute(items):  # the activation pass, chunk by chunk (its Meter resets the peak: kept here)
+        with Meter(device) as inner:
             for item in items:
                 write_chunk(lm, saes, store, item, n_positions=opts.n_positions, batch_size=args.batch_size)
-        spent["activations"] += m.seconds
+        spent["activations"] += inner.seconds
+        spent["peak_mb"] = max(spent["peak_mb"], inner.peak_mb)
 
     with Meter(device) as m:
         fit_interaction_models(lm, saes, store, opts, stage2_features=stage2_features, data_dir=None,
@@ -313,7 +316,7 @@ def fm_step(lm, saes, args, stage2_features, tmp: Path) -> dict:
     report = store.read_json("stage3/models.json")
     return {"activations": round(spent["activations"], 2), "training": round(m.seconds - spent["activations"], 2),
             "rows": report["n_rows"], "columns": report["columns"]["n_columns_kept"], "layout": report["mode"],
-            "peak_mb": round(m.peak_mb)}
+            "peak_mb": round(max(m.peak_mb, spent["peak_mb"]))}
 
 
 def ce_texts(ctx, args, words: list[str]):
@@ -419,7 +422,7 @@ def main(argv=None) -> dict:
         runner.run()
         runner.run([DirectionAblation(direction.to(lm.device))])
     out["ce_texts_per_run"] = {"seconds": round(m.seconds, 2), "texts": len(texts),
-                               "tokens": sum(len(t.ids) for t in texts)}
+                               "tokens": sum(len(t.ids) for t in texts), "peak_mb": round(m.peak_mb)}
     ce_per_forward = sets_per_forward(None, device)
     obrien_k = ObrienOptions().k_values
 
@@ -455,8 +458,8 @@ def main(argv=None) -> dict:
             # a fixed Stage-2 set of active candidates, so the later steps never shrink to nothing, and --dormant
             # inactive ones (the checks' set without them, hydra's dormant features and their wakes)
             fired = set(active[prompt])
-            on = [f for f in cands if f in fired] or cands
             off = [f for f in cands if f not in fired][:min(args.dormant, args.set_size - 1)]
+            on = [f for f in cands if f in fired] or [f for f in cands if f not in set(off)]
             n_on = args.set_size - len(off)
             chosen_sets[prompt] = sorted(on[:: max(1, len(on) // n_on)][:n_on] + off)
         for (_, prompt), rc in zip(group, timed("controls", [
@@ -564,7 +567,8 @@ def main(argv=None) -> dict:
         ref["prompts"] = n_ref
     out["reference"] = ref
     if device.type == "cuda":  # each Meter resets the peak: the run's peak is the largest of the blocks'
-        out["peak_gpu_mb"] = round(max([out["setup_peak_gpu_mb"], *peaks.values(),
+        out["peak_gpu_mb"] = round(max([out["setup_peak_gpu_mb"], *peaks.values(), out["fm_per_run"]["peak_mb"],
+                                        out["ce_texts_per_run"]["peak_mb"],
                                         torch.cuda.max_memory_allocated(device) / 2**20]))
     else:
         out["rss_high_water_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -606,8 +610,8 @@ def print_table(out: dict) -> None:
           f"per run", flush=True)
     fm, ce = out["fm_per_run"], out["ce_texts_per_run"]
     print(f"once per run: Stage 3's FM dataset ({fm['rows']} prompts) {fm['activations']} s and training "
-          f"({fm['columns']} columns, layout {fm['layout']}, with the probe) {fm['training']} s; CE texts ({ce['texts']}, "
-          f"{ce['tokens']} tokens) and their unablated conditions {ce['seconds']} s", flush=True)
+          f"({fm['columns']} columns, layout {fm['layout']}, with the probe) {fm['training']} s; CE texts "
+          f"({ce['texts']}, {ce['tokens']} tokens) and their unablated conditions {ce['seconds']} s", flush=True)
     print(f"{'stage':<10} {'s/prompt':>10} {mem:>18} {'reference s':>12} {'ratio':>7}")
     for s, v in out["per_prompt"].items():
         r = out["reference"].get(s, {})

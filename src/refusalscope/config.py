@@ -649,8 +649,12 @@ def _example_table(cls: type[BaseModel], skip: set[str]) -> list[str]:
 
 
 def _analysis_options(cls: type[AnalyzeSettings]) -> type[BaseModel]:
-    """The options model of one analysis (the base of its settings class that is not ``AnalyzeSettings``)."""
-    return next(b for b in cls.__bases__ if b is not AnalyzeSettings)
+    """The options model of one analysis: the fields of every base of its settings class but ``AnalyzeSettings``
+    (its own options, and shared groups such as ``PromptGroupOptions``)."""
+    bases = [b for b in cls.__bases__ if b is not AnalyzeSettings]
+    if len(bases) == 1:
+        return bases[0]
+    return type(bases[0].__name__, tuple(bases), {"__doc__": bases[0].__doc__})
 
 
 def example_toml() -> str:

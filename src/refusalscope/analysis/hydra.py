@@ -302,9 +302,13 @@ def firings(acts: torch.Tensor, features: Sequence[Feature], threshold: float = 
 
 
 def hydra_flow(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence[Feature]], *, settings: dict,
-               threshold: float = 0.0, spans: TemplateSpans | None = None, wake_scope: str = "set"):
+               threshold: float = 0.0, spans: TemplateSpans | None = None, wake_scope: str = "set",
+               record_batch_size: int | None = None):
     """``analyse_prompt`` as a flow (``StageContext.lockstep``): every set and its active part are one request, so
-    several prompts' completions share generation batches (``--prompt-batch``)."""
+    several prompts' completions share generation batches (``--prompt-batch``). ``record_batch_size``: rows per
+    recording forward (default ``ctx.batch_size``); a group's context has a group-sized ``batch_size``, while the
+    recording runs one prompt at a time, so the run passes the per-prompt size (the same batch shapes, hence the
+    same values in bf16, as one prompt alone)."""
     if wake_scope not in SCOPES:
         raise RefusalScopeError(f"wake_scope must be one of {', '.join(SCOPES)}, not {wake_scope!r}")
     _, texts, segments = prompt_tokens(ctx.lm.tokenizer, prompt, spans)
@@ -330,7 +334,7 @@ def hydra_flow(ctx, prompt_id: int, prompt: str, sets: Mapping[str, Sequence[Fea
     low = min((f.layer for name in plan_all for f in split[name][1]), default=top)
     wake_layers = [layer for layer in ctx.saes if layer > low] if plan_all else []
     got = record_with_wakes(ctx.lm, ctx.saes, prompt, list(rows), watched, wake_layers=wake_layers,
-                            threshold=threshold, batch_size=ctx.batch_size)
+                            threshold=threshold, batch_size=record_batch_size or ctx.batch_size)
     acts = got.acts
     col = {f: j for j, f in enumerate(watched)}
     results = []
@@ -611,6 +615,7 @@ def run(finished, settings, progress: bool = True) -> dict:
     spans_cache: list = []
 
     group = finished.prompt_batch(settings.prompt_batch)
+    per_prompt_batch = finished.batch_size(_explicit(settings, "batch_size"), 1)
 
     def context():
         if not ctx_cache:
@@ -640,7 +645,8 @@ def run(finished, settings, progress: bool = True) -> dict:
             ctx = context()
             part = todo[start:start + group]
             flows = [hydra_flow(ctx, rec.id, rec.prompt, sets, settings=key, threshold=settings.threshold,
-                                spans=spans_cache[0], wake_scope=settings.wake_scope) for rec, sets, key in part]
+                                spans=spans_cache[0], wake_scope=settings.wake_scope,
+                                record_batch_size=per_prompt_batch) for rec, sets, key in part]
             for (rec, _, _), res in zip(part, ctx.lockstep(flows)):
                 store.write_json(HydraPrompt.file_name(rec.id), res.model_dump(mode="json"))
                 done[rec.id] = res

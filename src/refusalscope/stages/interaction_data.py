@@ -117,7 +117,8 @@ def encode_last_positions(lm, saes: Mapping[int, Sae], prompts: Sequence[str], *
 
         def recorder(layer: int):
             def edit(h: torch.Tensor):
-                acts[layer] = h[:, -n_positions:, :].float()  # as LatentRecorder feeds the SAE
+                # as LatentRecorder feeds the SAE; a copy, so no view keeps the whole hidden state alive
+                acts[layer] = h[:, -n_positions:, :].to(torch.float32, copy=True)
                 if layer == last:
                     raise StopForward
             return edit

@@ -1,0 +1,23 @@
+"""benchmarks/bench_analysis_groups.py on the tiny finished run: both analyses in groups give the one-at-a-time
+files, and every group size is timed."""
+
+import json
+
+import pytest
+
+from helpers import load_benchmark
+
+
+@pytest.mark.parametrize("analysis", ["controls", "hydra"])
+def test_groups_give_the_one_at_a_time_files(finished_run, monkeypatch, tmp_path, analysis):
+    run, _ = finished_run
+    bench = load_benchmark(monkeypatch, "bench_analysis_groups")
+    path = tmp_path / "out.json"
+    out = bench.main(["--run", str(run), "--analysis", analysis, "--n", "3", "--groups", "1,3", "--judge",
+                      "substring", "--json", str(path)])
+    assert json.loads(path.read_text()) == out
+    assert list(out["by_group"]) == ["1", "3"]
+    for g in out["by_group"].values():
+        assert g["prompts"] == 3 and g["same_files_as_first"] and g["seconds"] > 0
+        assert g["judge"].startswith("substring")
+    assert not (run / "analyses" / analysis).exists()  # the run itself is left alone
