@@ -7,7 +7,7 @@
 Each group size runs on its own copy of the run, without its analyses and with an empty completion cache, so every
 completion the analysis judges is generated (none is reused from the stages). Prints per group size the
 analysis' seconds per prompt (the whole ``run_analysis`` call, model and SAE loading included, / n) and whether
-every per-prompt file equals the one-at-a-time files. One JSON object last.
+every per-prompt file equals the one-at-a-time files (and where not, which fields differ). One JSON object last.
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+
+def differences(a, b, at: str = "") -> list[str]:
+    """The JSON paths where ``a`` and ``b`` differ (lists by index, dicts by key)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{at}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{at}[{i}]")]
+    return [] if a == b else [at or "."]
 
 
 def main(argv=None) -> dict:
@@ -32,6 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=8, help="the run's first N processed prompts (--limit)")
     ap.add_argument("--groups", default="1,4", help="--prompt-batch values to time (the first is the reference)")
     ap.add_argument("--judge", default=None, help="judge (default: the run's)")
+    ap.add_argument("--keep", default=None, help="keep each group size's copy of the run under this directory")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -42,7 +52,7 @@ def main(argv=None) -> dict:
     first: dict[str, str] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         for g in sizes:
-            copy = Path(tmp) / f"group{g}"
+            copy = Path(args.keep or tmp) / f"group{g}"
             shutil.copytree(args.run, copy, ignore=shutil.ignore_patterns("analyses", "completions.sqlite",
                                                                           "report.html"))
             settings = settings_class(run=copy, limit=args.n, prompt_batch=g, device="cpu",
@@ -53,9 +63,11 @@ def main(argv=None) -> dict:
             files = {p.name: p.read_text() for p in sorted((copy / "analyses" / args.analysis / "prompts")
                                                           .glob("*.json"))}
             first = files if first is None else first
+            diff = {name: differences(json.loads(first[name]), json.loads(text)) for name, text in files.items()
+                    if name in first and text != first[name]}
             out["by_group"][str(g)] = {"seconds": round(seconds, 1), "s_per_prompt": round(seconds / args.n, 2),
                                        "prompts": len(files), "same_files_as_first": files == first,
-                                       "judge": summary.get("judge")}
+                                       "differences": diff, "judge": summary.get("judge")}
             print(f"--prompt-batch {g}: {seconds:.1f} s, {seconds / args.n:.2f} s per prompt, same files as "
                   f"--prompt-batch {sizes[0]}: {files == first}", flush=True)
     print(json.dumps(out), flush=True)

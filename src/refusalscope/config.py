@@ -249,7 +249,8 @@ class RunSettings(ModelOptions):
         "memory")
     prompt_batch: int | None = Field(None, ge=1, description="prompts whose stages run together, their completions "
                                      "generated in shared batches of prompt-batch × batch-size rows (default: 4); "
-                                     "each prompt's results are those it gets alone")
+                                     "each prompt's results are those it gets alone, up to float rounding of batch "
+                                     "shapes (a greedy near-tie may pick another token)")
     n_random: int = Field(1, ge=0, description="equal-size random active-feature control sets per prompt")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated to judge a jailbreak")
     judge: str = Field("substring", description="substring, compliance, classifier:<hub id or path> or llm:<URL>")
@@ -298,7 +299,8 @@ class PromptGroupOptions(BaseModel):
 
     prompt_batch: int | None = Field(None, ge=1, description="prompts analysed together, their completions generated "
                                      "in shared batches of prompt-batch × batch-size rows (default: the run's, else "
-                                     "4); each prompt's results are those it gets alone")
+                                     "4); each prompt's results are those it gets alone, up to float rounding of "
+                                     "batch shapes (a greedy near-tie may pick another token)")
 
 
 class HydraOptions(BaseModel):

@@ -18,6 +18,14 @@ def test_groups_give_the_one_at_a_time_files(finished_run, monkeypatch, tmp_path
     assert json.loads(path.read_text()) == out
     assert list(out["by_group"]) == ["1", "3"]
     for g in out["by_group"].values():
-        assert g["prompts"] == 3 and g["same_files_as_first"] and g["seconds"] > 0
+        assert g["prompts"] == 3 and g["same_files_as_first"] and g["differences"] == {} and g["seconds"] > 0
         assert g["judge"].startswith("substring")
     assert not (run / "analyses" / analysis).exists()  # the run itself is left alone
+
+
+def test_differences_name_the_json_paths(monkeypatch):
+    bench = load_benchmark(monkeypatch, "bench_analysis_groups")
+    a = {"id": 1, "obrien": [{"k": 1, "completion": "x"}, {"k": 2, "completion": "y"}], "gone": 1}
+    b = {"id": 1, "obrien": [{"k": 1, "completion": "x"}, {"k": 2, "completion": "z"}], "new": 2}
+    assert bench.differences(a, b) == [".gone", ".new", ".obrien[1].completion"]
+    assert bench.differences(a, a) == [] and bench.differences([1, 2], [1]) == ["."]

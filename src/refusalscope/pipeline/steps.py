@@ -414,7 +414,7 @@ def process_prompts(
     ctx: StageContext, items: Sequence[tuple[int, str]], ranked: Mapping[int, Sequence[int]], settings: RunSettings
 ) -> list[PromptRecord]:
     """``prompt_flow`` for several (prompt id, prompt) items in lockstep: their completions share generation
-    batches, and each record is the one its prompt gets alone."""
+    batches, and each record is the one its prompt gets alone (up to float rounding of batch shapes)."""
     return ctx.lockstep([prompt_flow(ctx, pid, prompt, ranked, settings) for pid, prompt in items])
 
 
