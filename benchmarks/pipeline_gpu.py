@@ -473,7 +473,8 @@ def main(argv=None) -> dict:
             stage3_sets[prompt] = sorted({*r3.stage2_active, *r3.fm_ranking[:max(opts.k_values)]})
         # the per-prompt analyses, grouped as `refusalscope analyze hydra|controls|ce` group them
         for r in timed("hydra", [hydra_flow(ctx, i, p, {"stage2": chosen_sets[p], "stage3": stage3_sets[p]},
-                                            settings={}, wake_scope="all") for i, p in group]):
+                                            settings={}, wake_scope="all", record_batch_size=args.batch_size)
+                                 for i, p in group]):
             detail["hydra_dormant"].append(sum(len(x.dormant) for x in r.sets))
         for r in timed("obrien", [obrien.prompt_flow(ctx, i, p, chosen_sets[p], randoms[p], obrien_k,
                                                      sorted(stage_saes)) for i, p in group]):
