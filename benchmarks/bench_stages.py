@@ -58,11 +58,7 @@ def partial(out: dict) -> None:
     print("partial:", json.dumps(out), file=sys.stderr, flush=True)
 
 
-def main() -> None:
-    from refusalscope.stages.scoring import SetScorer, batch_scorer
-    from refusalscope.stages.stage1 import candidate_set, ranked_latents
-    from refusalscope.stages.stage2 import prune_batched, prune_sequential
-
+def arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None)
     ap.add_argument("--nth", type=int, default=0, help="with --run: use the nth AdvBench prompt the model refuses")
@@ -89,7 +85,15 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="FILE", help="also run batched Stage 2 once under "
                     "torch.profiler and write its 30 costliest operators (by self time on the device, or the CPU "
                     "without one) to FILE: where Stage 2's time goes")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    from refusalscope.stages.scoring import SetScorer, batch_scorer
+    from refusalscope.stages.stage1 import candidate_set, ranked_latents
+    from refusalscope.stages.stage2 import prune_batched, prune_sequential
+
+    args = arg_parser().parse_args()
     device = torch.device(args.device)
     seeds = [int(x) for x in args.seeds.split(",")]
     seq_taus = [float(x) for x in args.sequential_taus.split(",") if x]
