@@ -65,11 +65,12 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
 
     ``logits`` (B, K, V) predict ``targets`` (B, K) at the same index; computed one row at a time in float32 so
     the log-softmax never holds more than one row's (K, V)."""
-    sums = torch.zeros(logits.shape[0], dtype=torch.float64)
+    sums = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)  # one copy back, not one per row
+    targets, mask = targets.to(logits.device), mask.to(logits.device)
     for b in range(logits.shape[0]):
-        nll = torch.nn.functional.cross_entropy(logits[b].float(), targets[b].to(logits.device), reduction="none")
-        sums[b] = (nll * mask[b].to(nll.device)).sum().double().cpu()
-    return sums, mask.sum(dim=1).cpu().long()
+        nll = torch.nn.functional.cross_entropy(logits[b].float(), targets[b], reduction="none")
+        sums[b] = (nll * mask[b]).sum().double()
+    return sums.cpu(), mask.sum(dim=1).cpu().long()
 
 
 def masked_ce_reference(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[list, list]:
