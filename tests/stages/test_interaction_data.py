@@ -263,3 +263,31 @@ def test_column_keys_and_feature_embeddings():
     assert list(out) == [Feature(1, 4), Feature(3, 0), Feature(5, 2)]
     assert torch.equal(out[Feature(1, 4)], torch.tensor([1.0, 2.0]))  # mean of rows 0 and 1
     assert torch.equal(out[Feature(3, 0)], emb[2]) and torch.equal(out[Feature(5, 2)], emb[3])
+
+
+@pytest.mark.parametrize("mode", ["max", "positions"])
+def test_column_space_is_the_explicit_column_list(mode):
+    """combine's columns are made on demand (ColumnSpace / ColumnList): the same columns, in the same order, as the
+    explicit list; indices, features' columns and the stored tensors agree with it."""
+    from refusalscope.stages.interaction_data import ColumnList, ColumnSpace
+    from refusalscope.stages.stage3 import _columns_tensors
+
+    widths = {1: 5, 3: 4}
+    space = ColumnSpace([1, 3], widths, mode, N_POS)
+    explicit = ([Feature(ly, j) for ly in (1, 3) for j in range(widths[ly])] if mode == "max" else
+                [PositionedFeature(ly, j, p) for ly in (1, 3) for j in range(widths[ly]) for p in range(-N_POS, 0)])
+    assert len(space) == len(explicit) and list(space) == explicit and space == explicit and explicit == space
+    assert space[0] == explicit[0] and space[-1] == explicit[-1] and space[3:11:2] == explicit[3:11:2]
+    assert all(space.index(c) == i for i, c in enumerate(explicit)) and space.index(str(explicit[7])) == 7
+    for f in (Feature(1, 0), Feature(3, 3)):
+        assert [explicit[i] for i in space.columns_of(f)] == [c for c in explicit if feature_of_column(c) == f]
+    assert space.columns_of(Feature(2, 0)) is None and space.columns_of(Feature(3, 4)) is None
+    with pytest.raises(ValueError):
+        space.index(Feature(2, 0))
+    with pytest.raises(IndexError):
+        space.take([len(space)])
+    pick = np.array([len(explicit) - 1, 0, 5])
+    got = space.take(pick)
+    assert isinstance(got, ColumnList) and list(got) == [explicit[i] for i in pick] and got[1:] == list(got)[1:]
+    want = _columns_tensors([explicit[i] for i in pick])
+    assert all(torch.equal(_columns_tensors(got)[k], want[k]) for k in want)

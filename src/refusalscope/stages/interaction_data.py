@@ -287,6 +287,103 @@ def column_features(columns: Sequence) -> list[Feature]:
     return [feature_of_column(c) for c in columns]
 
 
+class ColumnList(Sequence):
+    """Columns as three integer arrays (layer, latent, position or None for Feature columns); each column object is
+    made when asked for. Equal to the list of those columns."""
+
+    def __init__(self, layer: np.ndarray, latent: np.ndarray, position: np.ndarray | None):
+        self.layer, self.latent, self.position = layer, latent, position
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def __iter__(self):
+        layer, latent = self.layer.tolist(), self.latent.tolist()
+        if self.position is None:
+            return iter([Feature(a, b) for a, b in zip(layer, latent)])
+        return iter([PositionedFeature(a, b, p) for a, b, p in zip(layer, latent, self.position.tolist())])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ColumnList(self.layer[i], self.latent[i], None if self.position is None else self.position[i])
+        if self.position is None:
+            return Feature(int(self.layer[i]), int(self.latent[i]))
+        return PositionedFeature(int(self.layer[i]), int(self.latent[i]), int(self.position[i]))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ColumnSpace(Sequence):
+    """The columns of ``combine``'s matrix, each made when asked for: every latent of ``layers`` in (layer, latent)
+    order, and in "positions" mode each of those at positions -n_positions..-1. A Gemma-2-2B FM has 1.6M columns
+    (6.3M in "positions" mode) of which only the kept ones are ever read, and building all of them as Python
+    objects cost tens of seconds (benchmarks/bench_design_matrix.py). Equal to the list of those columns."""
+
+    def __init__(self, layers: Sequence[int], width_by_layer: Mapping[int, int], mode: str, n_positions: int):
+        self.layers = [int(ly) for ly in layers]
+        self.widths = np.array([int(width_by_layer[ly]) for ly in self.layers], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(np.int64)
+        self.mode, self.n_positions = mode, int(n_positions)
+        self.per = 1 if mode == "max" else self.n_positions
+        self._size = int(self.widths.sum()) * self.per
+        self._where = {ly: k for k, ly in enumerate(self.layers)}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def take(self, index) -> "ColumnList":
+        """The columns at ``index`` (integers), in that order."""
+        index = np.asarray(index, dtype=np.int64).ravel()
+        if len(index) and (index.min() < 0 or index.max() >= self._size):
+            raise IndexError(f"column index out of range 0..{self._size - 1}")
+        feat, pos = np.divmod(index, self.per)
+        k = np.searchsorted(self.offsets, feat, side="right") - 1
+        return ColumnList(np.asarray(self.layers, dtype=np.int64)[k], feat - self.offsets[k],
+                          None if self.mode == "max" else pos - self.per)
+
+    def __iter__(self):
+        for start in range(0, self._size, 1 << 16):
+            yield from self.take(np.arange(start, min(start + (1 << 16), self._size)))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(self._size)[i])
+        i = int(i)
+        return self.take([i + self._size if i < 0 else i])[0]
+
+    def columns_of(self, feature: Feature) -> np.ndarray | None:
+        """The indices of ``feature``'s columns (one, or one per position); None when it has none here."""
+        k = self._where.get(feature.layer)
+        if k is None or not 0 <= feature.latent < self.widths[k]:
+            return None
+        first = (int(self.offsets[k]) + feature.latent) * self.per
+        return np.arange(first, first + self.per)
+
+    def index(self, value, start: int = 0, stop: int | None = None) -> int:
+        col = column_of(value) if isinstance(value, str) else value
+        idx = self.columns_of(feature_of_column(col))
+        if idx is not None:
+            i = int(idx[0] + (col.position + self.per if isinstance(col, PositionedFeature) else 0))
+            if (self.mode == "max") == (not isinstance(col, PositionedFeature)) and start <= i < (stop or len(self)):
+                return i
+        raise ValueError(f"{value} is not a column here")
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ColumnSpace):
+            return (self.layers, self.widths.tolist(), self.mode, self.per) == \
+                (other.layers, other.widths.tolist(), other.mode, other.per)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
@@ -331,21 +428,20 @@ def combine(coo: Mapping[str, object], n_rows: int, layers: Iterable[int], width
     if mode == "max":
         n_cols = total
         key = row * n_cols + feat_col
-        order = np.lexsort((value, key))
+        order = np.argsort(key, kind="stable")
         key, value = key[order], value[order]
-        last = np.ones(len(key), dtype=bool)
-        last[:-1] = key[1:] != key[:-1]  # the largest value of each (row, column) comes last
-        key, value = key[last], value[last]
+        first = np.ones(len(key), dtype=bool)
+        first[1:] = key[1:] != key[:-1]
+        starts = np.flatnonzero(first)
+        # the largest value of each (row, column) over its positions
+        key, value = key[starts], np.maximum.reduceat(value, starts) if len(starts) else value
         r, c = key // n_cols, key % n_cols
-        columns: list = [Feature(ly, j) for ly in layers for j in range(int(width_by_layer[ly]))]
     else:
         n_cols = total * n_positions
         r, c = row, feat_col * n_positions + (pos + n_positions)
-        columns = [PositionedFeature(ly, j, p) for ly in layers for j in range(int(width_by_layer[ly]))
-                   for p in range(-n_positions, 0)]
     X = sparse.csr_matrix((value.astype(np.float32), (r, c)), shape=(n_rows, n_cols), dtype=np.float32)
     X.sum_duplicates()
-    return X, columns
+    return X, ColumnSpace(layers, width_by_layer, mode, n_positions)
 
 
 def keep_columns(X, columns: Sequence, train_rows: np.ndarray, always: Iterable = ()):
@@ -359,24 +455,30 @@ def keep_columns(X, columns: Sequence, train_rows: np.ndarray, always: Iterable 
         raise RefusalScopeError(f"train_rows has shape {train_rows.shape}, expected ({X.shape[0]},)")
     if len(columns) != X.shape[1]:
         raise RefusalScopeError(f"{len(columns)} column keys for a matrix of {X.shape[1]} columns")
-    feats = column_features(columns)
     always_set = sorted({Feature.of(f) for f in always})
-    known = set(feats)
-    unknown = [str(f) for f in always_set if f not in known]
+    if isinstance(columns, ColumnSpace):  # combine's columns: found by arithmetic, only the kept ones built
+        where = {f: columns.columns_of(f) for f in always_set}
+    else:
+        by_feature: dict[Feature, list[int]] = {}
+        for i, f in enumerate(column_features(columns)):
+            by_feature.setdefault(f, []).append(i)
+        where = {f: np.asarray(by_feature[f]) if f in by_feature else None for f in always_set}
+    unknown = [str(f) for f, idx in where.items() if idx is None]
     if unknown:
         raise RefusalScopeError(f"features {', '.join(unknown[:5])} are not columns of the matrix "
                                 "(wrong layer or latent)")
     Xt = X.tocsr()[train_rows]
     Xt.eliminate_zeros()
     fired = np.bincount(Xt.indices, minlength=X.shape[1]) > 0
-    wanted = set(always_set)
-    in_always = np.fromiter((f in wanted for f in feats), dtype=bool, count=len(feats))
+    in_always = np.zeros(X.shape[1], dtype=bool)
+    for idx in where.values():
+        in_always[idx] = True
     kept = np.flatnonzero(fired | in_always)
-    fired_feats = {f for f, hit in zip(feats, fired) if hit}
-    never = [f for f in always_set if f not in fired_feats]
+    never = [f for f in always_set if not fired[where[f]].any()]
     report = {"n_columns_before": int(X.shape[1]), "n_columns_kept": int(len(kept)), "n_always": len(always_set),
               "n_always_never_fire_in_train": len(never), "always_never_fire_in_train": [str(f) for f in never]}
-    return X.tocsr()[:, kept], [columns[i] for i in kept], report
+    kept_columns = columns.take(kept) if isinstance(columns, ColumnSpace) else [columns[i] for i in kept]
+    return X.tocsr()[:, kept], kept_columns, report
 
 
 def feature_embeddings(emb, columns: Sequence) -> dict[Feature, torch.Tensor]:

@@ -55,6 +55,12 @@ class InteractionModels:
 
 
 def _columns_tensors(columns: Sequence) -> dict[str, torch.Tensor]:
+    if isinstance(columns, idata.ColumnList):  # keep_columns' columns: their arrays, no objects
+        zeros = np.zeros(len(columns), dtype=np.int64)
+        return {"col_layer": torch.from_numpy(columns.layer.astype(np.int32)),
+                "col_latent": torch.from_numpy(columns.latent.astype(np.int32)),
+                "col_position": torch.from_numpy((zeros if columns.position is None else columns.position)
+                                                 .astype(np.int32))}
     feats = idata.column_features(columns)
     pos = [getattr(c, "position", 0) for c in columns]
     return {"col_layer": torch.tensor([f.layer for f in feats], dtype=torch.int32),
