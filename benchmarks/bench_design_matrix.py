@@ -1,15 +1,15 @@
-"""Stage 3's design matrix at the Gemma size: ``interaction_data.combine`` and ``keep_columns`` on random activations.
+"""Stage 3's design matrix at the Gemma size: ``combine``, ``keep_columns`` and the per-feature tables, random data.
 
     # CPU: 1,040 prompts, layers 2..25 of 65,536 latents, 4 positions, 64 active latents per token and layer
     python benchmarks/bench_design_matrix.py --json /tmp/design.json
 
 What ``stage3.fit_interaction_models`` does between the activation pass and the FM's training, for both position
 layouts ("max" and "positions", the default "auto" trains both): the sparse matrix from the COO activations, the
-columns a training row fires (plus the Stage-2 features'), and the kept columns' tensors that are stored with the FM.
-Random activations: each position of each prompt has ``--l0`` distinct active latents per layer (spread over the
-width, values |N(0, 1)|). Prints seconds per step and mode, the column counts and the process's peak RSS; one JSON
-object last (also written to ``--json``).
-"""
+columns a training row fires (plus the Stage-2 features'), the kept columns' tensors that are stored with the FM,
+and what the rankings read from them (``stage3._models_from``: one embedding and one probe |w| per feature, made at
+fit time and whenever a run's Stage 3 is loaded; random values here). Random activations: each position of each
+prompt has ``--l0`` distinct active latents per layer (spread over the width, values |N(0, 1)|). Prints seconds per
+step and mode, the column counts and the process's peak RSS; one JSON object last (also written to ``--json``)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def random_coo(rows: int, layers: list[int], width: int, positions: int, l0: int
 def main(argv=None) -> dict:
     from refusalscope.saes.features import Feature
     from refusalscope.stages import interaction_data as idata
-    from refusalscope.stages.stage3 import _columns_tensors
+    from refusalscope.stages.stage3 import _columns_tensors, _models_from
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1040)
@@ -71,13 +71,21 @@ def main(argv=None) -> dict:
         t2 = time.perf_counter()
         tensors = _columns_tensors(kept)
         t3 = time.perf_counter()
+        # what the rankings read (one embedding and one |w| per feature), from the stored tensors
+        g = torch.Generator().manual_seed(1)
+        fm_t = {"V": torch.randn(len(kept), 20, generator=g), **tensors}
+        probe_t = {"w": torch.randn(len(kept), generator=g), **tensors}
+        models = _models_from(fm_t, probe_t, {"mode": mode})
+        t4 = time.perf_counter()
         out["modes"][mode] = {"combine_s": round(t1 - t0, 2), "keep_columns_s": round(t2 - t1, 2),
-                              "column_tensors_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2),
+                              "column_tensors_s": round(t3 - t2, 2), "models_s": round(t4 - t3, 2),
+                              "total_s": round(t4 - t0, 2), "features": len(models.embeddings),
                               "columns": int(X.shape[1]), "kept": len(kept), "nnz": int(X.nnz),
                               "kept_digest": int(sum(int(t.long().sum()) * (i + 1) for i, t in
                                                      enumerate(tensors.values())))}
-        print(f"{mode}: combine {t1 - t0:.2f} s, keep_columns {t2 - t1:.2f} s, column tensors {t3 - t2:.2f} s; "
-              f"{len(kept):,} of {X.shape[1]:,} columns kept", flush=True)
+        print(f"{mode}: combine {t1 - t0:.2f} s, keep_columns {t2 - t1:.2f} s, column tensors {t3 - t2:.2f} s, "
+              f"embeddings and weights per feature {t4 - t3:.2f} s; {len(kept):,} of {X.shape[1]:,} columns kept",
+              flush=True)
         del X, Xk, columns, kept
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(out), flush=True)

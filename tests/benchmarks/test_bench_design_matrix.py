@@ -15,4 +15,5 @@ def test_design_matrix_benchmark_at_toy_size(monkeypatch, tmp_path):
     assert m["columns"] == 3 * 256 and p["columns"] == 4 * 3 * 256
     assert p["nnz"] == out["entries"] and m["nnz"] <= out["entries"]  # max pools a latent's positions
     assert 0 < m["kept"] <= m["columns"] and 0 < p["kept"] <= p["columns"]
-    assert all(v["total_s"] >= 0 for v in out["modes"].values())
+    assert all(v["total_s"] >= v["models_s"] >= 0 for v in out["modes"].values())
+    assert m["features"] == m["kept"] and 0 < p["features"] <= p["kept"]  # max: a column per feature

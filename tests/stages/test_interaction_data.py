@@ -291,3 +291,34 @@ def test_column_space_is_the_explicit_column_list(mode):
     assert isinstance(got, ColumnList) and list(got) == [explicit[i] for i in pick] and got[1:] == list(got)[1:]
     want = _columns_tensors([explicit[i] for i in pick])
     assert all(torch.equal(_columns_tensors(got)[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("mode", ["max", "positions"])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_feature_tables_match_the_one_feature_at_a_time_forms(mode, shuffled):
+    """feature_embeddings (means grouped by column count) and feature_max against one feature at a time: the same
+    features in the same order (of their first column) and bit-identical values, for sorted (combine's) and
+    shuffled columns; lookups by (layer, latent) only."""
+    from refusalscope.stages.interaction_data import ColumnSpace, feature_embeddings_reference, feature_max
+
+    g = torch.Generator().manual_seed(0)
+    space = ColumnSpace([2, 5, 7], {2: 50, 5: 30, 7: 40}, mode, N_POS)
+    idx = torch.randperm(len(space), generator=g)[:len(space) // 3]
+    idx = idx if shuffled else idx.sort().values
+    cols = space.take(idx.numpy())
+    emb = torch.randn(len(cols), 6, generator=g)
+    got, want = feature_embeddings(emb, cols), feature_embeddings_reference(emb, list(cols))
+    assert list(got) == list(want) and len(got) == len(want)
+    assert all(torch.equal(got[f], want[f]) for f in want)
+    w = torch.rand(len(cols), generator=g).numpy()
+    best: dict = {}
+    for c, x in zip(cols, w.tolist()):
+        best[feature_of_column(c)] = max(best.get(feature_of_column(c), 0.0), x)
+    top = feature_max(w, cols)
+    assert list(top) == list(best) and dict(top.items()) == best
+    missing = next(Feature(5, j) for j in range(30) if Feature(5, j) not in best)
+    for table in (got, top):
+        assert missing not in table and Feature(3, 0) not in table and (5, -1) not in table and "L5/0" not in table
+        with pytest.raises(KeyError):
+            table[missing]
+    assert feature_embeddings(emb[:0], []) == {} and feature_max(w[:0], []) == {}

@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, Union
 
 import numpy as np
@@ -481,15 +482,121 @@ def keep_columns(X, columns: Sequence, train_rows: np.ndarray, always: Iterable 
     return X.tocsr()[:, kept], kept_columns, report
 
 
-def feature_embeddings(emb, columns: Sequence) -> dict[Feature, torch.Tensor]:
+def column_arrays(columns: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(layer, latent) of every column, as int64 arrays (a ``ColumnList``'s own, or read from column objects)."""
+    if isinstance(columns, ColumnList):
+        return columns.layer.astype(np.int64), columns.latent.astype(np.int64)
+    feats = column_features(columns)
+    return (np.fromiter((f.layer for f in feats), np.int64, len(feats)),
+            np.fromiter((f.latent for f in feats), np.int64, len(feats)))
+
+
+@dataclass(frozen=True)
+class FeatureGroups:
+    """The columns of each feature, features in the order of their first column: (``layer``, ``latent``) of each
+    feature; ``order`` lists the column indices feature by feature (ascending within one), ``starts`` where each
+    feature's run begins and ``counts`` its length."""
+
+    layer: np.ndarray
+    latent: np.ndarray
+    order: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, columns: Sequence) -> "FeatureGroups":
+        layer, latent = column_arrays(columns)
+        n = len(layer)
+        key = layer * (int(latent.max()) + 1 if n else 1) + latent
+        if n == 0 or bool((key[1:] >= key[:-1]).all()):  # sorted columns (combine's): runs in place
+            order = np.arange(n)
+            starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if n else order
+        else:
+            by_key = np.argsort(key, kind="stable")  # a feature's columns stay ascending
+            ks = key[by_key]
+            runs = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+            rank = np.empty(len(runs), dtype=np.int64)
+            rank[np.argsort(by_key[runs])] = np.arange(len(runs))  # by each feature's first column
+            group = np.repeat(rank, np.diff(np.append(runs, n)))
+            order = by_key[np.argsort(group, kind="stable")]
+            counts = np.bincount(group, minlength=len(runs))
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        counts = np.diff(np.append(starts, n))
+        at = order[starts]
+        return cls(layer[at], latent[at], order, starts, counts)
+
+
+class FeatureTable(Mapping):
+    """Feature → one row of ``values`` (a tensor: its row; an array: a float), without an object per feature:
+    features are found by their (layer, latent) key. Iterates in the given feature order."""
+
+    def __init__(self, layer: np.ndarray, latent: np.ndarray, values):
+        self.layer, self.latent, self.values = np.asarray(layer), np.asarray(latent), values
+        self._stride = int(self.latent.max()) + 1 if len(self.latent) else 1
+        key = self.layer.astype(np.int64) * self._stride + self.latent
+        self._by_key = np.argsort(key, kind="stable")
+        self._keys = key[self._by_key]
+
+    def _row(self, f) -> int | None:
+        try:
+            layer, latent = int(f[0]), int(f[1])
+        except (TypeError, ValueError, IndexError):
+            return None
+        if not 0 <= latent < self._stride:
+            return None
+        key = layer * self._stride + latent
+        i = int(np.searchsorted(self._keys, key))
+        return int(self._by_key[i]) if i < len(self._keys) and self._keys[i] == key else None
+
+    def __getitem__(self, f):
+        i = self._row(f)
+        if i is None:
+            raise KeyError(f)
+        v = self.values[i]
+        return v if isinstance(v, torch.Tensor) else float(v)
+
+    def __contains__(self, f) -> bool:
+        return self._row(f) is not None
+
+    def __iter__(self):
+        return iter([Feature(a, b) for a, b in zip(self.layer.tolist(), self.latent.tolist())])
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+
+def feature_embeddings(emb, columns: Sequence) -> FeatureTable:
     """One embedding per feature from an FM's per-column embeddings (n_columns, k).
 
-    Our choice: a feature's embedding is the mean of the rows of its kept columns (its kept positions).
-    """
+    Our choice: a feature's embedding is the mean of the rows of its kept columns (its kept positions). Features
+    with the same number of columns are averaged together, each as ``emb[its columns].mean(dim=0)`` would
+    (``feature_embeddings_reference``; the same values, tested), without a Python step per feature."""
     emb = torch.as_tensor(emb)
     if emb.shape[0] != len(columns):
         raise RefusalScopeError(f"{emb.shape[0]} embedding rows for {len(columns)} columns")
+    g = FeatureGroups.of(columns)
+    means = torch.empty((len(g.layer),) + tuple(emb.shape[1:]), dtype=emb.dtype)
+    for size in np.unique(g.counts).tolist():
+        which = np.flatnonzero(g.counts == size)
+        rows = g.order[g.starts[which][:, None] + np.arange(size)]  # (features, size) column indices
+        means[torch.from_numpy(which)] = emb[torch.from_numpy(rows)].mean(dim=1)
+    return FeatureTable(g.layer, g.latent, means)
+
+
+def feature_embeddings_reference(emb, columns: Sequence) -> dict[Feature, torch.Tensor]:
+    """``feature_embeddings``, one feature at a time."""
+    emb = torch.as_tensor(emb)
     groups: dict[Feature, list[int]] = {}
     for i, col in enumerate(columns):
         groups.setdefault(feature_of_column(col), []).append(i)
     return {f: emb[idx].mean(dim=0) for f, idx in groups.items()}
+
+
+def feature_max(values, columns: Sequence) -> FeatureTable:
+    """Each feature's largest value over its columns (the probe's |w| per feature in "positions" mode)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape[0] != len(columns):
+        raise RefusalScopeError(f"{values.shape[0]} values for {len(columns)} columns")
+    g = FeatureGroups.of(columns)
+    best = np.maximum.reduceat(values[g.order], g.starts) if len(g.starts) else values[:0]
+    return FeatureTable(g.layer, g.latent, best)

@@ -49,8 +49,9 @@ PROBE_FILE = "stage3/probe.safetensors"
 class InteractionModels:
     """What the rankings need: one FM embedding and one probe weight per feature, and the fit report."""
 
-    embeddings: dict[Feature, torch.Tensor]  # FM v_i per feature (positions mode: mean over its position columns)
-    probe_weights: dict[Feature, float]  # |w| per feature (positions mode: max over its positions)
+    # FM v_i per feature (positions mode: mean over its position columns); a FeatureTable once loaded
+    embeddings: Mapping[Feature, torch.Tensor]
+    probe_weights: Mapping[Feature, float]  # |w| per feature (positions mode: max over its positions)
     report: dict  # accuracies, AUROC, column counts, dormant Stage-2 features, mode
 
 
@@ -68,6 +69,11 @@ def _columns_tensors(columns: Sequence) -> dict[str, torch.Tensor]:
             "col_position": torch.tensor(pos, dtype=torch.int32)}
 
 
+def _column_list(tensors: Mapping[str, torch.Tensor], mode: str) -> idata.ColumnList:
+    return idata.ColumnList(tensors["col_layer"].numpy().astype(np.int64), tensors["col_latent"].numpy().astype(
+        np.int64), None if mode == "max" else tensors["col_position"].numpy().astype(np.int64))
+
+
 def _columns_from(tensors: Mapping[str, torch.Tensor], mode: str) -> list:
     layers, latents, pos = (tensors[k].tolist() for k in ("col_layer", "col_latent", "col_position"))
     if mode == "max":
@@ -77,12 +83,10 @@ def _columns_from(tensors: Mapping[str, torch.Tensor], mode: str) -> list:
 
 def _models_from(fm_t: Mapping[str, torch.Tensor], probe_t: Mapping[str, torch.Tensor], report: dict,
                  ) -> InteractionModels:
-    columns = _columns_from(fm_t, report["mode"])
+    columns = _column_list(fm_t, report["mode"])  # arrays only: no object per column
     emb = idata.feature_embeddings(fm_t["V"], columns)
-    weights: dict[Feature, float] = {}
-    for col, w in zip(columns, probe_t["w"].abs().tolist()):
-        f = idata.feature_of_column(col)
-        weights[f] = max(weights.get(f, 0.0), w)  # our choice (positions mode): a feature's largest |w|
+    # our choice (positions mode): a feature's largest |w|
+    weights = idata.feature_max(probe_t["w"].abs().double().numpy(), _column_list(probe_t, report["mode"]))
     return InteractionModels(emb, weights, report)
 
 
