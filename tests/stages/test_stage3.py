@@ -28,6 +28,31 @@ def test_rank_by_probe_orders_by_weight_and_breaks_ties_by_feature():
     assert [f for f, _ in ranked] == [Feature(4, 4), Feature(2, 1), Feature(3, 1)]
 
 
+def test_rankings_read_a_feature_table_as_they_read_a_dict():
+    """A loaded run's models are FeatureTables (one tensor or array, features found by key): both rankings give the
+    dict's results, with candidates outside the table, duplicates and ties."""
+    import numpy as np
+
+    from refusalscope.stages.interaction_data import FeatureTable
+
+    g = torch.Generator().manual_seed(0)
+    feats = [Feature(ly, j) for ly in (2, 5, 9) for j in range(0, 40, 3)]
+    emb = torch.randn(len(feats), 4, generator=g)
+    w = torch.randint(0, 4, (len(feats),), generator=g).double().numpy()  # many ties
+    layer, latent = np.array([f.layer for f in feats]), np.array([f.latent for f in feats])
+    table, weights = FeatureTable(layer, latent, emb), FeatureTable(layer, latent, w)
+    as_dict = {f: emb[i] for i, f in enumerate(feats)}
+    w_dict = {f: float(w[i]) for i, f in enumerate(feats)}
+    cands = [Feature(9, 3), Feature(2, 1), Feature(5, 6), Feature(2, 0), Feature(7, 0), Feature(5, 39), Feature(2, 3),
+             Feature(9, 3), Feature(5, 40)]
+    anchors = [Feature(2, 6), Feature(4, 4), Feature(9, 39)]
+    for score in ("max", "mean"):
+        assert rank_by_fm(cands, anchors, table, score) == rank_by_fm(cands, anchors, as_dict, score)
+    assert rank_by_probe(cands, weights) == rank_by_probe(cands, w_dict)
+    assert len(rank_by_probe(cands, weights)) == 6  # (7, 0), (5, 40), (2, 1) have none; (9, 3) twice
+    assert rank_by_fm(cands, [Feature(7, 0)], table) == []
+
+
 def test_scale_columns_divides_by_the_training_max():
     import numpy as np
     import scipy.sparse as sp

@@ -536,6 +536,7 @@ class FeatureTable(Mapping):
         key = self.layer.astype(np.int64) * self._stride + self.latent
         self._by_key = np.argsort(key, kind="stable")
         self._keys = key[self._by_key]
+        self._index: dict[int, int] | None = None
 
     def _row(self, f) -> int | None:
         try:
@@ -544,9 +545,21 @@ class FeatureTable(Mapping):
             return None
         if not 0 <= latent < self._stride:
             return None
+        if self._index is None:  # built on the first single lookup: a dict of ints, not of features
+            self._index = dict(zip((self._keys).tolist(), self._by_key.tolist()))
+        return self._index.get(layer * self._stride + latent)
+
+    def rows(self, features: Sequence[Feature]) -> np.ndarray:
+        """The row of each feature (−1 where it has none), in one vectorized lookup."""
+        n = len(features)
+        layer = np.fromiter((f[0] for f in features), np.int64, n)
+        latent = np.fromiter((f[1] for f in features), np.int64, n)
+        if not len(self._keys):
+            return np.full(n, -1, dtype=np.int64)
         key = layer * self._stride + latent
-        i = int(np.searchsorted(self._keys, key))
-        return int(self._by_key[i]) if i < len(self._keys) and self._keys[i] == key else None
+        at = np.minimum(np.searchsorted(self._keys, key), len(self._keys) - 1)
+        found = (latent >= 0) & (latent < self._stride) & (self._keys[at] == key)
+        return np.where(found, self._by_key[at], -1)
 
     def __getitem__(self, f):
         i = self._row(f)

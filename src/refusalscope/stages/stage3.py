@@ -196,26 +196,44 @@ def load_fm(store: RunStore) -> tuple[FactorizationMachine, list]:
 
 # ---- 2. rankings (pure) -------------------------------------------------------------------------------------------
 
+def _embedded(features: Sequence[Feature], embeddings: Mapping[Feature, torch.Tensor]
+              ) -> tuple[list[Feature], torch.Tensor]:
+    """The features that have an embedding, in order, and their embeddings stacked (one gather from a
+    ``FeatureTable``)."""
+    if isinstance(embeddings, idata.FeatureTable):
+        rows = embeddings.rows(features)
+        have = np.flatnonzero(rows >= 0)
+        return [features[i] for i in have.tolist()], embeddings.values[torch.from_numpy(rows[have])]
+    have = [f for f in features if f in embeddings]
+    return have, torch.stack([embeddings[f] for f in have]) if have else torch.zeros(0)
+
+
 def rank_by_fm(candidates: Sequence[Feature], anchors: Sequence[Feature], embeddings: Mapping[Feature, torch.Tensor],
                score: str = "max") -> list[tuple[Feature, float]]:
     """Candidates by cosine of their FM embedding to the anchors' (the prompt's active Stage-2 features), best
     first; features without an embedding are left out. Ties keep (layer, latent) order."""
-    cands = [f for f in candidates if f in embeddings]
-    anchor_emb = [embeddings[f] for f in anchors if f in embeddings]
-    if not cands or not anchor_emb:
+    cands, C = _embedded(candidates, embeddings)
+    _, A = _embedded(anchors, embeddings)
+    if not cands or not len(A):
         return []
-    A = torch.nn.functional.normalize(torch.stack(anchor_emb).double(), dim=1)
-    C = torch.nn.functional.normalize(torch.stack([embeddings[f] for f in cands]).double(), dim=1)
+    A = torch.nn.functional.normalize(A.double(), dim=1)
+    C = torch.nn.functional.normalize(C.double(), dim=1)
     cos = C @ A.T  # (candidates, anchors)
     scores = cos.max(dim=1).values if score == "max" else cos.mean(dim=1)
-    order = sorted(range(len(cands)), key=lambda i: (-float(scores[i]), cands[i]))
-    return [(cands[i], float(scores[i])) for i in order]
+    values = scores.tolist()  # Python floats once, not a tensor read per comparison
+    order = sorted(range(len(cands)), key=lambda i: (-values[i], cands[i]))
+    return [(cands[i], values[i]) for i in order]
 
 
 def rank_by_probe(candidates: Sequence[Feature], weights: Mapping[Feature, float]) -> list[tuple[Feature, float]]:
     """Candidates by the probe's |w|, best first (the paper's linear baseline)."""
-    cands = [f for f in candidates if f in weights]
-    return [(f, weights[f]) for f in sorted(cands, key=lambda f: (-weights[f], f))]
+    if isinstance(weights, idata.FeatureTable):  # one vectorized lookup
+        rows = weights.rows(candidates)
+        have = np.flatnonzero(rows >= 0)
+        pairs = list(zip([candidates[i] for i in have.tolist()], weights.values[rows[have]].tolist()))
+    else:
+        pairs = [(f, weights[f]) for f in candidates if f in weights]
+    return sorted(pairs, key=lambda p: (-p[1], p[0]))
 
 
 # ---- 3. one prompt ------------------------------------------------------------------------------------------------
