@@ -230,11 +230,13 @@ def test_combine_values_on_synthetic_coo():
         combine(coo, 6, [1, 3], {1: 5, 3: 2})
 
 
+@pytest.mark.parametrize("as_list", [False, True])
 @pytest.mark.parametrize("mode", ["max", "positions"])
-def test_keep_columns_keeps_always_features_that_never_fire(mode):
+def test_keep_columns_keeps_always_features_that_never_fire(mode, as_list):
     coo, entries = _random_coo()
     widths = {1: 5, 3: 4}
     X, cols = combine(coo, 6, [1, 3], widths, mode=mode)
+    cols = list(cols) if as_list else cols  # combine's ColumnSpace, or any list of columns
     train = np.array([True, True, True, True, False, False])
     fired = {Feature(ly, j) for (r, p, ly, j) in entries if train[r]}
     silent = [Feature(ly, j) for ly in widths for j in range(widths[ly]) if Feature(ly, j) not in fired]
@@ -284,8 +286,20 @@ def test_column_space_is_the_explicit_column_list(mode):
     assert space.columns_of(Feature(2, 0)) is None and space.columns_of(Feature(3, 4)) is None
     with pytest.raises(ValueError):
         space.index(Feature(2, 0))
+    wrong = [Feature(2, 0), Feature(1, 5), PositionedFeature(1, 0, 0), PositionedFeature(1, 0, -N_POS - 1), "x"]
+    wrong += [PositionedFeature(1, 0, -1)] if mode == "max" else [Feature(1, 0)]
+    for col in wrong:  # what the list would not find
+        assert col not in space and col not in explicit
+        with pytest.raises(ValueError):
+            space.index(col)
+    last = len(explicit) - 1
+    assert space.index(explicit[-1], -1) == last and space.index(tuple(explicit[2]), 1, 3) == 2
+    with pytest.raises(ValueError):
+        space.index(explicit[2], 0, 2)
     with pytest.raises(IndexError):
         space.take([len(space)])
+    with pytest.raises(TypeError):
+        space.take(np.ones(len(space), dtype=bool))
     pick = np.array([len(explicit) - 1, 0, 5])
     got = space.take(pick)
     assert isinstance(got, ColumnList) and list(got) == [explicit[i] for i in pick] and got[1:] == list(got)[1:]
@@ -322,3 +336,5 @@ def test_feature_tables_match_the_one_feature_at_a_time_forms(mode, shuffled):
         with pytest.raises(KeyError):
             table[missing]
     assert feature_embeddings(emb[:0], []) == {} and feature_max(w[:0], []) == {}
+    with pytest.raises(RefusalScopeError, match="once"):  # a table holds each feature once
+        type(top)(np.array([2, 2]), np.array([1, 1]), np.zeros(2))

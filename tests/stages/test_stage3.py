@@ -37,6 +37,7 @@ def test_rankings_read_a_feature_table_as_they_read_a_dict():
 
     g = torch.Generator().manual_seed(0)
     feats = [Feature(ly, j) for ly in (2, 5, 9) for j in range(0, 40, 3)]
+    feats = [feats[i] for i in torch.randperm(len(feats), generator=g).tolist()]  # table order is not key order
     emb = torch.randn(len(feats), 4, generator=g)
     w = torch.randint(0, 4, (len(feats),), generator=g).double().numpy()  # many ties
     layer, latent = np.array([f.layer for f in feats]), np.array([f.latent for f in feats])
@@ -51,6 +52,12 @@ def test_rankings_read_a_feature_table_as_they_read_a_dict():
     assert rank_by_probe(cands, weights) == rank_by_probe(cands, w_dict)
     assert len(rank_by_probe(cands, weights)) == 6  # (7, 0), (5, 40), (2, 1) have none; (9, 3) twice
     assert rank_by_fm(cands, [Feature(7, 0)], table) == []
+    # lookups by (layer, latent) only: what a dict of Features would not find is not found
+    from refusalscope.stages.interaction_data import PositionedFeature
+
+    for other in (PositionedFeature(2, 0, -1), "20", Feature(2, -1), Feature(2, 1)):
+        assert other not in table
+    assert table == as_dict and table != {**as_dict, feats[0]: emb[0] + 1} and weights == w_dict
 
 
 def test_scale_columns_divides_by_the_training_max():

@@ -338,8 +338,11 @@ class ColumnSpace(Sequence):
         return self._size
 
     def take(self, index) -> "ColumnList":
-        """The columns at ``index`` (integers), in that order."""
-        index = np.asarray(index, dtype=np.int64).ravel()
+        """The columns at ``index`` (integers, not a boolean mask), in that order."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            raise TypeError("take() wants column indices, not a boolean mask (np.flatnonzero it first)")
+        index = index.astype(np.int64).ravel()
         if len(index) and (index.min() < 0 or index.max() >= self._size):
             raise IndexError(f"column index out of range 0..{self._size - 1}")
         feat, pos = np.divmod(index, self.per)
@@ -366,13 +369,29 @@ class ColumnSpace(Sequence):
         return np.arange(first, first + self.per)
 
     def index(self, value, start: int = 0, stop: int | None = None) -> int:
-        col = column_of(value) if isinstance(value, str) else value
-        idx = self.columns_of(feature_of_column(col))
-        if idx is not None:
-            i = int(idx[0] + (col.position + self.per if isinstance(col, PositionedFeature) else 0))
-            if (self.mode == "max") == (not isinstance(col, PositionedFeature)) and start <= i < (stop or len(self)):
-                return i
+        """As ``list.index``, by arithmetic: a column object, or its string or [layer, latent(, position)] form."""
+        n = len(self)
+        start = max(start + n, 0) if start < 0 else start
+        stop = n if stop is None else (max(stop + n, 0) if stop < 0 else min(stop, n))
+        try:
+            col = value if isinstance(value, (Feature, PositionedFeature)) else column_of(value)
+        except (TypeError, ValueError):
+            col = None
+        positioned = isinstance(col, PositionedFeature)
+        if col is not None and positioned == (self.mode == "positions"):
+            idx = self.columns_of(feature_of_column(col))
+            if idx is not None and (not positioned or -self.per <= col.position < 0):
+                i = int(idx[0]) + (col.position + self.per if positioned else 0)
+                if start <= i < stop:
+                    return i
         raise ValueError(f"{value} is not a column here")
+
+    def __contains__(self, value) -> bool:
+        try:
+            self.index(value)
+        except ValueError:
+            return False
+        return True
 
     def __eq__(self, other) -> bool:
         if isinstance(other, ColumnSpace):
@@ -527,33 +546,42 @@ class FeatureGroups:
 
 
 class FeatureTable(Mapping):
-    """Feature → one row of ``values`` (a tensor: its row; an array: a float), without an object per feature:
-    features are found by their (layer, latent) key. Iterates in the given feature order."""
+    """Feature → one row of ``data`` (a tensor: its row; an array: a float), without an object per feature:
+    features (distinct) are found by their (layer, latent) key. Iterates in the given feature order."""
 
-    def __init__(self, layer: np.ndarray, latent: np.ndarray, values):
-        self.layer, self.latent, self.values = np.asarray(layer), np.asarray(latent), values
+    def __init__(self, layer: np.ndarray, latent: np.ndarray, data):
+        self.layer, self.latent, self.data = np.asarray(layer), np.asarray(latent), data
+        if len(self.latent) and int(self.latent.min()) < 0:
+            raise RefusalScopeError("a FeatureTable's latents are non-negative")
         self._stride = int(self.latent.max()) + 1 if len(self.latent) else 1
         key = self.layer.astype(np.int64) * self._stride + self.latent
         self._by_key = np.argsort(key, kind="stable")
         self._keys = key[self._by_key]
+        if bool((self._keys[1:] == self._keys[:-1]).any()):
+            raise RefusalScopeError("a FeatureTable holds each feature once")
         self._index: dict[int, int] | None = None
 
-    def _row(self, f) -> int | None:
-        try:
-            layer, latent = int(f[0]), int(f[1])
-        except (TypeError, ValueError, IndexError):
+    @staticmethod
+    def _pair(f) -> tuple[int, int] | None:
+        """(layer, latent) of a Feature (or a plain pair of ints); None for anything else."""
+        if not isinstance(f, tuple) or len(f) != 2 or not all(isinstance(x, (int, np.integer)) for x in f):
             return None
-        if not 0 <= latent < self._stride:
+        return int(f[0]), int(f[1])
+
+    def _row(self, f) -> int | None:
+        pair = self._pair(f)
+        if pair is None or not 0 <= pair[1] < self._stride:
             return None
         if self._index is None:  # built on the first single lookup: a dict of ints, not of features
             self._index = dict(zip((self._keys).tolist(), self._by_key.tolist()))
-        return self._index.get(layer * self._stride + latent)
+        return self._index.get(pair[0] * self._stride + pair[1])
 
     def rows(self, features: Sequence[Feature]) -> np.ndarray:
         """The row of each feature (−1 where it has none), in one vectorized lookup."""
         n = len(features)
-        layer = np.fromiter((f[0] for f in features), np.int64, n)
-        latent = np.fromiter((f[1] for f in features), np.int64, n)
+        pairs = [self._pair(f) or (0, -1) for f in features]
+        layer = np.fromiter((p[0] for p in pairs), np.int64, n)
+        latent = np.fromiter((p[1] for p in pairs), np.int64, n)
         if not len(self._keys):
             return np.full(n, -1, dtype=np.int64)
         key = layer * self._stride + latent
@@ -565,8 +593,25 @@ class FeatureTable(Mapping):
         i = self._row(f)
         if i is None:
             raise KeyError(f)
-        v = self.values[i]
+        v = self.data[i]
         return v if isinstance(v, torch.Tensor) else float(v)
+
+    def __eq__(self, other) -> bool:
+        """Same features with equal values (tensors compared whole, as a dict of tensors cannot be)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if len(other) != len(self) or set(other) != set(self):
+            return False
+        for f in self:
+            a, b = self[f], other[f]
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __contains__(self, f) -> bool:
         return self._row(f) is not None
@@ -588,11 +633,11 @@ def feature_embeddings(emb, columns: Sequence) -> FeatureTable:
     if emb.shape[0] != len(columns):
         raise RefusalScopeError(f"{emb.shape[0]} embedding rows for {len(columns)} columns")
     g = FeatureGroups.of(columns)
-    means = torch.empty((len(g.layer),) + tuple(emb.shape[1:]), dtype=emb.dtype)
+    means = torch.empty((len(g.layer),) + tuple(emb.shape[1:]), dtype=emb.dtype, device=emb.device)
     for size in np.unique(g.counts).tolist():
         which = np.flatnonzero(g.counts == size)
         rows = g.order[g.starts[which][:, None] + np.arange(size)]  # (features, size) column indices
-        means[torch.from_numpy(which)] = emb[torch.from_numpy(rows)].mean(dim=1)
+        means[torch.from_numpy(which).to(emb.device)] = emb[torch.from_numpy(rows).to(emb.device)].mean(dim=1)
     return FeatureTable(g.layer, g.latent, means)
 
 

@@ -49,7 +49,7 @@ PROBE_FILE = "stage3/probe.safetensors"
 class InteractionModels:
     """What the rankings need: one FM embedding and one probe weight per feature, and the fit report."""
 
-    # FM v_i per feature (positions mode: mean over its position columns); a FeatureTable once loaded
+    # FM v_i per feature (positions mode: mean over its position columns); a FeatureTable from _models_from
     embeddings: Mapping[Feature, torch.Tensor]
     probe_weights: Mapping[Feature, float]  # |w| per feature (positions mode: max over its positions)
     report: dict  # accuracies, AUROC, column counts, dormant Stage-2 features, mode
@@ -203,7 +203,7 @@ def _embedded(features: Sequence[Feature], embeddings: Mapping[Feature, torch.Te
     if isinstance(embeddings, idata.FeatureTable):
         rows = embeddings.rows(features)
         have = np.flatnonzero(rows >= 0)
-        return [features[i] for i in have.tolist()], embeddings.values[torch.from_numpy(rows[have])]
+        return [features[i] for i in have.tolist()], embeddings.data[torch.from_numpy(rows[have])]
     have = [f for f in features if f in embeddings]
     return have, torch.stack([embeddings[f] for f in have]) if have else torch.zeros(0)
 
@@ -230,7 +230,7 @@ def rank_by_probe(candidates: Sequence[Feature], weights: Mapping[Feature, float
     if isinstance(weights, idata.FeatureTable):  # one vectorized lookup
         rows = weights.rows(candidates)
         have = np.flatnonzero(rows >= 0)
-        pairs = list(zip([candidates[i] for i in have.tolist()], weights.values[rows[have]].tolist()))
+        pairs = list(zip([candidates[i] for i in have.tolist()], weights.data[rows[have]].tolist()))
     else:
         pairs = [(f, weights[f]) for f in candidates if f in weights]
     return sorted(pairs, key=lambda p: (-p[1], p[0]))
