@@ -532,6 +532,23 @@ def spy_generate(monkeypatch) -> list[list[str]]:
     return calls
 
 
+def analysis_alone_and_grouped(monkeypatch, run: Path, alone: Path, judge, name: str, settings_cls, **options):
+    """Analysis ``name`` on ``alone`` (a copy of ``run``) one prompt at a time, then on ``run`` with all its prompts in
+    one group (``--prompt-batch``): for each, its generation calls (``spy_generate``) and its per-prompt files."""
+    from refusalscope.analysis.finished_run import FinishedRun
+    from refusalscope.analysis.registry import run_analysis
+
+    calls = spy_generate(monkeypatch)
+    out = []
+    for where, group in ((alone, 1), (run, len(FinishedRun(run).records))):
+        calls.clear()
+        run_analysis(name, settings_cls(run=where, device="cpu", prompt_batch=group, **options), progress=False,
+                     judge=judge)
+        files = {p.name: p.read_text() for p in sorted((where / "analyses" / name / "prompts").glob("*.json"))}
+        out.append((list(calls), files))
+    return out
+
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import FakeJudge, random_sae
+from helpers import FakeJudge, analysis_alone_and_grouped, random_sae
 from refusalscope.analysis import hydra
 from refusalscope.analysis.clamping import firings as clamp_firings
 from refusalscope.analysis.clamping import redundant_features
@@ -350,30 +350,14 @@ def test_graph_aggregates_edges_and_keeps_the_most_found():
 def test_prompts_in_groups_give_the_results_of_one_at_a_time(finished_run, monkeypatch, tmp_path):
     """--prompt-batch: a group's sets are generated in one call, and every prompt's file is the one it gets
     analysed alone."""
-    from refusalscope.stages import context as context_mod
-
     run, judge = finished_run
     alone = tmp_path / "alone"
     shutil.copytree(run, alone)
     for r in (run, alone):  # nothing cached: every set is generated here
         (r / "completions.sqlite").unlink()
-    calls: list[int] = []
-    real_generate = context_mod.generate
-
-    def counting(lm, prompts, **kw):
-        calls.append(len(prompts))
-        return real_generate(lm, prompts, **kw)
-
-    monkeypatch.setattr(context_mod, "generate", counting)
     n = len(FinishedRun(run).records)
     assert n >= 2
-    run_analysis("hydra", HydraSettings(run=alone, device="cpu", prompt_batch=1), progress=False, judge=judge)
-    one_at_a_time = list(calls)
-    calls.clear()
-    run_analysis("hydra", HydraSettings(run=run, device="cpu", prompt_batch=n), progress=False, judge=judge)
-    assert len(one_at_a_time) == n and calls == [sum(one_at_a_time)]
-    files = sorted(p.name for p in (run / "analyses/hydra/prompts").glob("*.json"))
-    assert len(files) == n
-    for name in files:
-        assert (run / "analyses/hydra/prompts" / name).read_text() == \
-            (alone / "analyses/hydra/prompts" / name).read_text()
+    (calls_alone, files_alone), (calls, files) = analysis_alone_and_grouped(monkeypatch, run, alone, judge, "hydra",
+                                                                            HydraSettings)
+    assert len(calls_alone) == n and [len(c) for c in calls] == [sum(len(c) for c in calls_alone)]
+    assert len(files) == n and files == files_alone

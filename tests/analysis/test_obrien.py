@@ -8,14 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import random_sae
+from helpers import analysis_alone_and_grouped, random_sae, spy_generate
 from refusalscope.analysis import obrien
 from refusalscope.analysis.finished_run import FinishedRun
 from refusalscope.analysis.registry import run_analysis
 from refusalscope.config import ControlsSettings
 from refusalscope.lm.prompts import format_chat
 from refusalscope.saes.features import active_features
-from refusalscope.stages import context as context_mod
 
 PROMPT = "Tell me how to pick a lock."
 
@@ -54,14 +53,7 @@ def _cache_rows(run):
 
 def test_controls_analysis_tabulates_sweeps_and_resumes(finished_run, monkeypatch):
     run, judge = finished_run
-    generated = []
-    real_generate = context_mod.generate
-
-    def counting(lm, prompts, **kw):
-        generated.extend(prompts)
-        return real_generate(lm, prompts, **kw)
-
-    monkeypatch.setattr(context_mod, "generate", counting)
+    calls = spy_generate(monkeypatch)
     ks = [1, 3, 1000]
     before = _cache_rows(run)
     summary = run_analysis("controls", ControlsSettings(run=run, k_values=ks, device="cpu"), progress=False,
@@ -81,7 +73,7 @@ def test_controls_analysis_tabulates_sweeps_and_resumes(finished_run, monkeypatc
         assert none.n_features == 0 and not none.jailbroken  # nothing ablated: the baseline completion, refused
     # only O'Brien sets were generated: the Stage-2 and random sets came from the run's completion cache
     new = _cache_rows(run) - before
-    assert len(generated) == len(new) > 0
+    assert sum(len(c) for c in calls) == len(new) > 0
     sizes = {(p, n) for p, n in zip(ob.id.map({r.id: r.prompt for r in fr.records}), ob.n_features)}
     assert all((p, len(json.loads(fs))) in sizes for p, fs in new)
 
@@ -111,10 +103,9 @@ def test_controls_analysis_tabulates_sweeps_and_resumes(finished_run, monkeypatc
     assert again["obrien"] == summary["obrien"] and again["random"] == summary["random"]
     # other k values: recomputed, and the k already generated come from the completion cache
     monkeypatch.undo()
-    monkeypatch.setattr(context_mod, "generate", counting)
-    generated.clear()
+    calls = spy_generate(monkeypatch)
     run_analysis("controls", ControlsSettings(run=run, k_values=[1, 1000], device="cpu"), progress=False, judge=judge)
-    assert generated == []
+    assert calls == []
 
 
 def test_bad_k_values_fail_before_loading(finished_run, monkeypatch):
@@ -134,26 +125,9 @@ def test_prompts_in_groups_give_the_results_of_one_at_a_time(finished_run, monke
     run, judge = finished_run
     alone = tmp_path / "alone"
     shutil.copytree(run, alone)
-    calls: list[int] = []
-    real_generate = context_mod.generate
-
-    def counting(lm, prompts, **kw):
-        calls.append(len(prompts))
-        return real_generate(lm, prompts, **kw)
-
-    monkeypatch.setattr(context_mod, "generate", counting)
     n = len(FinishedRun(run).records)
     assert n >= 2
-    ks = [1, 2, 1000]
-    run_analysis("controls", ControlsSettings(run=alone, k_values=ks, device="cpu", prompt_batch=1),
-                 progress=False, judge=judge)
-    one_at_a_time = list(calls)
-    calls.clear()
-    run_analysis("controls", ControlsSettings(run=run, k_values=ks, device="cpu", prompt_batch=n), progress=False,
-                 judge=judge)
-    assert len(one_at_a_time) == n and len(calls) == 1 and calls[0] == sum(one_at_a_time)
-    files = sorted(p.name for p in (run / "analyses/controls/prompts").glob("*.json"))
-    assert len(files) == n
-    for name in files:
-        assert (run / "analyses/controls/prompts" / name).read_text() == \
-            (alone / "analyses/controls/prompts" / name).read_text()
+    (calls_alone, files_alone), (calls, files) = analysis_alone_and_grouped(
+        monkeypatch, run, alone, judge, "controls", ControlsSettings, k_values=[1, 2, 1000])
+    assert len(calls_alone) == n and [len(c) for c in calls] == [sum(len(c) for c in calls_alone)]
+    assert len(files) == n and files == files_alone
