@@ -559,7 +559,6 @@ class FeatureTable(Mapping):
         self._keys = key[self._by_key]
         if bool((self._keys[1:] == self._keys[:-1]).any()):
             raise RefusalScopeError("a FeatureTable holds each feature once")
-        self._index: dict[int, int] | None = None
 
     @staticmethod
     def _pair(f) -> tuple[int, int] | None:
@@ -569,12 +568,8 @@ class FeatureTable(Mapping):
         return int(f[0]), int(f[1])
 
     def _row(self, f) -> int | None:
-        pair = self._pair(f)
-        if pair is None or not 0 <= pair[1] < self._stride:
-            return None
-        if self._index is None:  # built on the first single lookup: a dict of ints, not of features
-            self._index = dict(zip((self._keys).tolist(), self._by_key.tolist()))
-        return self._index.get(pair[0] * self._stride + pair[1])
+        row = int(self.rows([f])[0])
+        return None if row < 0 else row
 
     def rows(self, features: Sequence[Feature]) -> np.ndarray:
         """The row of each feature (−1 where it has none), in one vectorized lookup."""
@@ -623,16 +618,17 @@ class FeatureTable(Mapping):
         return len(self.layer)
 
 
-def feature_embeddings(emb, columns: Sequence) -> FeatureTable:
+def feature_embeddings(emb, columns: Sequence, groups: FeatureGroups | None = None) -> FeatureTable:
     """One embedding per feature from an FM's per-column embeddings (n_columns, k).
 
     Our choice: a feature's embedding is the mean of the rows of its kept columns (its kept positions). Features
     with the same number of columns are averaged together, each as ``emb[its columns].mean(dim=0)`` would
-    (``feature_embeddings_reference``; the same values, tested), without a Python step per feature."""
+    (``feature_embeddings_reference``; the same values, tested), without a Python step per feature. ``groups``:
+    ``FeatureGroups.of(columns)`` when the caller has it already."""
     emb = torch.as_tensor(emb)
     if emb.shape[0] != len(columns):
         raise RefusalScopeError(f"{emb.shape[0]} embedding rows for {len(columns)} columns")
-    g = FeatureGroups.of(columns)
+    g = groups or FeatureGroups.of(columns)
     means = torch.empty((len(g.layer),) + tuple(emb.shape[1:]), dtype=emb.dtype, device=emb.device)
     for size in np.unique(g.counts).tolist():
         which = np.flatnonzero(g.counts == size)
@@ -650,11 +646,12 @@ def feature_embeddings_reference(emb, columns: Sequence) -> dict[Feature, torch.
     return {f: emb[idx].mean(dim=0) for f, idx in groups.items()}
 
 
-def feature_max(values, columns: Sequence) -> FeatureTable:
-    """Each feature's largest value over its columns (the probe's |w| per feature in "positions" mode)."""
+def feature_max(values, columns: Sequence, groups: FeatureGroups | None = None) -> FeatureTable:
+    """Each feature's largest value over its columns (the probe's |w| per feature in "positions" mode); ``groups``
+    as for ``feature_embeddings``."""
     values = np.asarray(values, dtype=np.float64)
     if values.shape[0] != len(columns):
         raise RefusalScopeError(f"{values.shape[0]} values for {len(columns)} columns")
-    g = FeatureGroups.of(columns)
+    g = groups or FeatureGroups.of(columns)
     best = np.maximum.reduceat(values[g.order], g.starts) if len(g.starts) else values[:0]
     return FeatureTable(g.layer, g.latent, best)

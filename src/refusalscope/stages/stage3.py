@@ -83,10 +83,11 @@ def _columns_from(tensors: Mapping[str, torch.Tensor], mode: str) -> list:
 
 def _models_from(fm_t: Mapping[str, torch.Tensor], probe_t: Mapping[str, torch.Tensor], report: dict,
                  ) -> InteractionModels:
-    columns = _column_list(fm_t, report["mode"])  # arrays only: no object per column
-    emb = idata.feature_embeddings(fm_t["V"], columns)
+    columns = _column_list(fm_t, report["mode"])  # arrays only: no object per column (the probe's are the same)
+    groups = idata.FeatureGroups.of(columns)
+    emb = idata.feature_embeddings(fm_t["V"], columns, groups)
     # our choice (positions mode): a feature's largest |w|
-    weights = idata.feature_max(probe_t["w"].abs().double().numpy(), _column_list(probe_t, report["mode"]))
+    weights = idata.feature_max(probe_t["w"].abs().double().numpy(), columns, groups)
     return InteractionModels(emb, weights, report)
 
 
