@@ -614,6 +614,8 @@ def run(finished, settings, progress: bool = True) -> dict:
     ctx_cache: list = []
     spans_cache: list = []
 
+    from refusalscope.pipeline.steps import groups
+
     group = finished.prompt_batch(settings.prompt_batch)
     per_prompt_batch = finished.batch_size(_explicit(settings, "batch_size"), 1)
 
@@ -641,9 +643,8 @@ def run(finished, settings, progress: bool = True) -> dict:
     with tqdm(total=len(records), initial=reused, desc="hydra", unit="prompt", disable=not progress,
               dynamic_ncols=True) as bar:
         # a group's completions share generation batches; each prompt's file is written as its group ends
-        for start in range(0, len(todo), group):
+        for part in groups(todo, group):
             ctx = context()
-            part = todo[start:start + group]
             flows = [hydra_flow(ctx, rec.id, rec.prompt, sets, settings=key, threshold=settings.threshold,
                                 spans=spans_cache[0], wake_scope=settings.wake_scope,
                                 record_batch_size=per_prompt_batch) for rec, sets, key in part]

@@ -175,6 +175,8 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
     # the Stage-2 and random sets may name layers the context must load too (they are normally stage layers)
     extra = {f.layer for rec in records for f in finished.stage2_set(rec)}
     extra |= {f.layer for rec in records if rec.controls for c in rec.controls.random for f in c.features}
+    from refusalscope.pipeline.steps import groups
+
     group = finished.prompt_batch(settings.prompt_batch)
     explicit = settings.batch_size if "batch_size" in settings.model_fields_set else None
     ctx = finished.context(device=settings.device, dtype=settings.dtype, judge=settings.judge,
@@ -196,8 +198,7 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
     with tqdm(total=len(records), initial=len(done), desc="controls", unit="prompt", disable=not progress,
               dynamic_ncols=True) as bar:
         # a group's completions share generation batches; each prompt's file is written as its group ends
-        for start in range(0, len(todo), group):
-            part = todo[start:start + group]
+        for part in groups(todo, group):
             flows = [prompt_flow(ctx, rec.id, rec.prompt, finished.stage2_set(rec), randoms, k_values, layers)
                      for rec, randoms, _ in part]
             for (rec, _, mine), res in zip(part, ctx.lockstep(flows)):
