@@ -152,9 +152,11 @@ class FinishedRun:
                             cache=CompletionCache(self.store.path("completions.sqlite")))
 
     def prompt_batch(self, setting: int | None = None) -> int:
-        """Prompts an analysis runs together (``--prompt-batch``): the setting, else the run's, else 4 (the run's
-        default, ``pipeline.steps.prompt_batch``)."""
-        return int(setting or self.config.get("prompt_batch") or 4)
+        """Prompts an analysis runs together (``--prompt-batch``): the setting, else the run's, else the run's
+        default (``pipeline.steps.DEFAULT_PROMPT_BATCH``)."""
+        from refusalscope.pipeline.steps import DEFAULT_PROMPT_BATCH
+
+        return int(setting or self.config.get("prompt_batch") or DEFAULT_PROMPT_BATCH)
 
     def batch_size(self, setting: int | None, prompt_batch: int) -> int:
         """Completions per generation batch for ``prompt_batch`` prompts together: the per-prompt batch size (the

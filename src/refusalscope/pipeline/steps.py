@@ -254,11 +254,14 @@ def stage_saes(all_saes: Mapping[int, Sae], settings: RunSettings, lm: LoadedMod
     return place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
 
 
+# our choice: 4 prompts together by default: 1.26x on the CPU (decoding reads every weight once per step, for 5 rows
+# or 20; benchmarks/RESULTS.md), and a kill loses at most 4 prompts' work; a GPU gains more from larger groups
+DEFAULT_PROMPT_BATCH = 4
+
+
 def prompt_batch(settings: RunSettings, lm: LoadedModel) -> int:
     """Prompts whose stages run together (``settings.prompt_batch``)."""
-    # our choice: 4 by default: 1.26x on the CPU (decoding reads every weight once per step, for 5 rows or 20;
-    # benchmarks/RESULTS.md), and a kill loses at most 4 prompts' work; a GPU gains more from larger groups
-    return settings.prompt_batch or 4
+    return settings.prompt_batch or DEFAULT_PROMPT_BATCH
 
 
 def compile_setting(settings: RunSettings, n_prompts: int) -> str:
