@@ -143,7 +143,7 @@ class FinishedRun:
         saes = place_saes(saes, lm.device, cfg.get("sae_placement") or "auto")
         return StageContext(lm, saes, self.judge(judge),
                             max_new_tokens=max_new_tokens or int(cfg.get("max_new_tokens", 48)),
-                            batch_size=batch_size or int(cfg.get("batch_size", 16)),
+                            batch_size=self.batch_size(batch_size, 1),
                             score_batch_size=cfg.get("stage2_batch_size"),
                             share_rows=bool(cfg.get("shared_rows", True)),
                             compile=self.compile_mode(lm, saes),
