@@ -5,9 +5,10 @@
     python benchmarks/bench_analysis_groups.py --run runs/default --analysis hydra --n 8 --groups 1,4
 
 Each group size runs on its own copy of the run, without its analyses and with an empty completion cache, so every
-completion the analysis judges is generated (none is reused from the stages). Prints per group size the
-analysis' seconds per prompt (the whole ``run_analysis`` call, model and SAE loading included, / n) and whether
-every per-prompt file equals the one-at-a-time files (and where not, which fields differ). One JSON object last.
+completion the analysis judges is generated (none is reused from the stages). Prints per group size the analysis'
+seconds per prompt (the whole ``run_analysis`` call, model and SAE loading included, / n), the seconds spent
+generating (and, for hydra, in its recording forwards), and whether every per-prompt file equals the one-at-a-time
+files (and where not, which fields differ). One JSON object last.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -29,8 +31,35 @@ def differences(a, b, at: str = "") -> list[str]:
     return [] if a == b else [at or "."]
 
 
+@contextmanager
+def timed_calls(targets: dict[str, tuple[object, str]]):
+    """Seconds spent inside each ``(module, function)`` of ``targets`` while the block runs, by name."""
+    spent = {name: 0.0 for name in targets}
+    saved = {name: getattr(mod, attr) for name, (mod, attr) in targets.items()}
+
+    def timing(name, real):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return call
+
+    for name, (mod, attr) in targets.items():
+        setattr(mod, attr, timing(name, saved[name]))
+    try:
+        yield spent
+    finally:
+        for name, (mod, attr) in targets.items():
+            setattr(mod, attr, saved[name])
+
+
 def main(argv=None) -> dict:
     import torch
+
+    from refusalscope.analysis import hydra
+    from refusalscope.stages import context
 
     from refusalscope.analysis.registry import run_analysis
     from refusalscope.config import ControlsSettings, HydraSettings
@@ -57,15 +86,21 @@ def main(argv=None) -> dict:
                                                                           "report.html"))
             settings = settings_class(run=copy, limit=args.n, prompt_batch=g, device="cpu",
                                       **({"judge": args.judge} if args.judge else {}))
-            t0 = time.perf_counter()
-            summary = run_analysis(args.analysis, settings, progress=False)
-            seconds = time.perf_counter() - t0
+            # where the time goes: generation (grouped), and hydra's recording forwards (one prompt at a time)
+            parts = {"generate": (context, "generate")}
+            if args.analysis == "hydra":
+                parts["record"] = (hydra, "record_with_wakes")
+            with timed_calls(parts) as spent:
+                t0 = time.perf_counter()
+                summary = run_analysis(args.analysis, settings, progress=False)
+                seconds = time.perf_counter() - t0
             files = {p.name: p.read_text() for p in sorted((copy / "analyses" / args.analysis / "prompts")
                                                           .glob("*.json"))}
             first = files if first is None else first
             diff = {name: differences(json.loads(first[name]), json.loads(text)) for name, text in files.items()
                     if name in first and text != first[name]}
             out["by_group"][str(g)] = {"seconds": round(seconds, 1), "s_per_prompt": round(seconds / args.n, 2),
+                                       **{f"{k}_s": round(v, 3) for k, v in spent.items()},
                                        "prompts": len(files), "same_files_as_first": files == first,
                                        "differences": diff, "judge": summary.get("judge")}
             print(f"--prompt-batch {g}: {seconds:.1f} s, {seconds / args.n:.2f} s per prompt, same files as "

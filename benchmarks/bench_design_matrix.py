@@ -7,9 +7,10 @@ What ``stage3.fit_interaction_models`` does between the activation pass and the 
 layouts ("max" and "positions", the default "auto" trains both): the sparse matrix from the COO activations, the
 columns a training row fires (plus the Stage-2 features'), the kept columns' tensors that are stored with the FM,
 and what the rankings read from them (``stage3._models_from``: one embedding and one probe |w| per feature, made at
-fit time and whenever a run's Stage 3 is loaded; random values here). Random activations: each position of each
-prompt has ``--l0`` distinct active latents per layer (spread over the width, values |N(0, 1)|). Prints seconds per
-step and mode, the column counts and the process's peak RSS; one JSON object last (also written to ``--json``)."""
+fit time and whenever a run's Stage 3 is loaded; random values here), and one prompt's FM and probe rankings. Random
+activations: each position of each prompt has ``--l0`` distinct active latents per layer (spread over the width,
+values |N(0, 1)|). Prints seconds per step and mode, the column counts and the process's peak RSS; one JSON object
+last (also written to ``--json``)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def random_coo(rows: int, layers: list[int], width: int, positions: int, l0: int
 def main(argv=None) -> dict:
     from refusalscope.saes.features import Feature
     from refusalscope.stages import interaction_data as idata
-    from refusalscope.stages.stage3 import _columns_tensors, _models_from
+    from refusalscope.stages.stage3 import _columns_tensors, _models_from, rank_by_fm, rank_by_probe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1040)
@@ -52,6 +53,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=65536)
     ap.add_argument("--positions", type=int, default=4)
     ap.add_argument("--l0", type=int, default=64)
+    ap.add_argument("--candidates", type=int, default=20000, help="a prompt's Stage-3 candidates for the rankings")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -77,15 +79,24 @@ def main(argv=None) -> dict:
         probe_t = {"w": torch.randn(len(kept), generator=g), **tensors}
         models = _models_from(fm_t, probe_t, {"mode": mode})
         t4 = time.perf_counter()
+        # one prompt's rankings: --candidates of the table's features (and as many it lacks), 15 anchors
+        feats = list(models.embeddings)
+        pick = torch.randperm(len(feats), generator=g)[:args.candidates].tolist()
+        cands = sorted({feats[i] for i in pick} | {Feature(layers[-1] + 1, j) for j in range(len(pick))})
+        t5 = time.perf_counter()
+        rank_by_fm(cands, cands[:15], models.embeddings)
+        rank_by_probe(cands, models.probe_weights)
+        t6 = time.perf_counter()
         out["modes"][mode] = {"combine_s": round(t1 - t0, 2), "keep_columns_s": round(t2 - t1, 2),
                               "column_tensors_s": round(t3 - t2, 2), "models_s": round(t4 - t3, 2),
-                              "total_s": round(t4 - t0, 2), "features": len(models.embeddings),
+                              "total_s": round(t4 - t0, 2), "rank_one_prompt_s": round(t6 - t5, 3),
+                              "candidates": len(cands), "features": len(models.embeddings),
                               "columns": int(X.shape[1]), "kept": len(kept), "nnz": int(X.nnz),
                               "kept_digest": int(sum(int(t.long().sum()) * (i + 1) for i, t in
                                                      enumerate(tensors.values())))}
         print(f"{mode}: combine {t1 - t0:.2f} s, keep_columns {t2 - t1:.2f} s, column tensors {t3 - t2:.2f} s, "
-              f"embeddings and weights per feature {t4 - t3:.2f} s; {len(kept):,} of {X.shape[1]:,} columns kept",
-              flush=True)
+              f"embeddings and weights per feature {t4 - t3:.2f} s, one prompt's FM and probe rankings of "
+              f"{len(cands):,} candidates {t6 - t5:.3f} s; {len(kept):,} of {X.shape[1]:,} columns kept", flush=True)
         del X, Xk, columns, kept
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(out), flush=True)

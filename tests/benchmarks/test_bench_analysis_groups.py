@@ -19,7 +19,8 @@ def test_groups_give_the_one_at_a_time_files(finished_run, monkeypatch, tmp_path
     assert list(out["by_group"]) == ["1", "3"]
     for g in out["by_group"].values():
         assert g["prompts"] == 3 and g["same_files_as_first"] and g["differences"] == {} and g["seconds"] > 0
-        assert g["judge"].startswith("substring")
+        assert g["judge"].startswith("substring") and 0 < g["generate_s"] < g["seconds"]
+        assert (0 < g["record_s"] < g["seconds"]) if analysis == "hydra" else "record_s" not in g
     assert not (run / "analyses" / analysis).exists()  # the run itself is left alone
 
 
