@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench_common import emit
+
 
 def differences(a, b, at: str = "") -> list[str]:
     """The JSON paths where ``a`` and ``b`` differ (lists by index, dicts by key)."""
@@ -105,9 +107,7 @@ def main(argv=None) -> dict:
                                        "differences": diff, "judge": summary.get("judge")}
             print(f"--prompt-batch {g}: {seconds:.1f} s, {seconds / args.n:.2f} s per prompt, same files as "
                   f"--prompt-batch {sizes[0]}: {files == first}", flush=True)
-    print(json.dumps(out), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return out
 
 

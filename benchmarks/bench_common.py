@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 SHAPES = {
@@ -17,6 +20,13 @@ SHAPES = {
     "toy": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=512),
 }
+
+
+def emit(out: dict, path=None) -> None:
+    """Print a benchmark's result as its last line of JSON (what RESULTS.md quotes), and write it to ``path``."""
+    print(json.dumps(out), flush=True)
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))
 
 
 def sync(device: torch.device) -> None:

@@ -15,13 +15,13 @@ last (also written to ``--json``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench_common import emit
 
 
 def random_coo(rows: int, layers: list[int], width: int, positions: int, l0: int, seed: int = 0) -> dict:
@@ -99,9 +99,7 @@ def main(argv=None) -> dict:
               f"{len(cands):,} candidates {t6 - t5:.3f} s; {len(kept):,} of {X.shape[1]:,} columns kept", flush=True)
         del X, Xk, columns, kept
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps(out), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return out
 
 

@@ -16,7 +16,6 @@ times training, tests/stages/test_fm.py checks what it learns. 80/10/10 split. O
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
@@ -24,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from bench_common import sync
+from bench_common import emit, sync
 
 
 def random_activations(rows: int, columns: int, layers: int, positions: int, l0: int, mode: str,
@@ -115,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         pfit = train_probe(X[tr], y[tr], X[va], y[va])
         out.update(probe_seconds=round(time.perf_counter() - t0, 2), probe_C=pfit.C,
                    probe_test_accuracy=round(evaluate_probe(pfit, X[te], y[te])["accuracy"], 4))
-    print(json.dumps(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, args.json)
     return out
 
 

@@ -16,8 +16,9 @@ object last.
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from bench_common import emit
 
 
 def main() -> None:
@@ -94,10 +95,7 @@ def main() -> None:
                            "same_records_as_first": got == reference}
         print(f"group {sizes[-1]}, compiled ({args.compile_generation}): {seconds / len(items):.1f} s per prompt "
               f"(compiling included), same records: {got == reference}", flush=True)
-    print(json.dumps(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ sets count as identical). Every count says which judge produced it. Prints one J
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from bench_common import emit
 
 DTYPES = ("float32", "bfloat16")
 
@@ -142,9 +142,7 @@ def main(argv=None, judge=None) -> dict:
            **compare(settings, runs, judge.name)}
     if args.details:
         out["details"] = runs
-    print(json.dumps(out), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return out
 
 

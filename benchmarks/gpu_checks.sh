@@ -3,7 +3,7 @@
 #   CUDA tests, the toy pipeline on CUDA in fp32 (fast-path sets equal the reference's; also with shared rows),
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
 # Usage, from the repository root:
-#   OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep|profile|stage2]
+#   OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep|profile|stage2|llama]
 # Every pipeline_gpu.py line also runs the once-per-run work (Stage 3's FM on 520 + 520 prompts, the CE texts; the
 # rows mode's chunk lines and the 131k line use 16 and 64 FM prompts, as they measure other things) and the
 # per-prompt analyses; the limits below were raised for them, untried on a GPU. Each mode's limits sum to under the
@@ -22,6 +22,9 @@
 #   profile (~2.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes under torch.profiler (its costliest operators)
 #   stage2 (~4.5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes, eager and through compiled decoder layers
 #   (--compile-scoring inductor), each with shared rows and with one row per set, every variant also profiled
+#   llama (~8 min at most): Llama-3.1-8B shapes with LlamaScope's two widths: 32k SAEs on every layer held on the
+#   GPU (34 GB of float32 next to the 16 GB model), then 131k held on the host in bfloat16 (their 32 distinct layers,
+#   69 GB of host memory), one prompt each; peak GPU memory is the number to record
 # all: LLAMA_SAE_DTYPE=bfloat16 holds the 131k set's 32 distinct layers in bfloat16 (69 GB of host memory) instead of
 # one float32 matrix shared by every layer.
 # A 15-minute device budget fits lockstep (SKIP_TEST=1 LOCKSTEP_S=540: the ≥ 50x ratio in one run and the
@@ -144,8 +147,19 @@ run_all() {
         --json "$OUT/llama131k.json"
 }
 
+run_llama() {
+    cd benchmarks || exit 1
+    echo "== llama-3.1-8b, 32k SAEs on every layer, on the GPU"
+    timeout "${LLAMA32_S:-200}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 32768 --device cuda \
+        --prompts 1 --reference-prompts 0 --fm-prompts 64 --sae-placement device --json "$OUT/llama32k.json"
+    echo "== llama-3.1-8b, 131k SAEs on every layer, held on the host in bfloat16"
+    timeout "${LLAMA_S:-260}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda \
+        --prompts 1 --reference-prompts 0 --fm-prompts 64 --sae-placement host --sae-dtype bfloat16 \
+        --json "$OUT/llama131k_bf16.json"
+}
+
 mode=${1:-all}
-case "$mode" in rows|compile|batch|lockstep|profile|stage2) ;; *) mode=all ;; esac  # as before: any other argument runs all
+case "$mode" in rows|compile|batch|lockstep|profile|stage2|llama) ;; *) mode=all ;; esac  # as before: any other argument runs all
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import SHAPES, calibrated_jumprelu_saes, random_model, sync, word_tokenizer
+from bench_common import SHAPES, calibrated_jumprelu_saes, emit, random_model, sync, word_tokenizer
 
 TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 # per prompt: the stages, then the analyses that run per prompt (hydra, the O'Brien sweep of ``analyze controls``,
@@ -574,9 +574,7 @@ def main(argv=None) -> dict:
     else:
         out["rss_high_water_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_table(out)
-    print(json.dumps(out), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return out
 
 
