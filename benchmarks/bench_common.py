@@ -123,7 +123,7 @@ def word_tokenizer(vocab_size: int, words, arch: str):
 
 def calibrated_jumprelu_saes(layers, d: int, width: int, residuals: dict, *, l0: int = 64, device, seed: int = 0,
                              shared: bool = False, hold_dtype: torch.dtype | None = None):
-    """Random JumpReLU SAEs (fp32, unit decoder rows, W_enc = W_decᵀ) whose one threshold per layer puts about
+    """Random JumpReLU SAEs (fp32, unit decoder rows, W_enc = W_decᵀ held as its own matrix) whose one threshold per layer puts about
     ``l0`` latents above it per token on ``residuals[layer]`` (T, d): active-feature counts like real SAEs', so
     Stage 3 has thousands of candidates. ``shared``: every layer uses one random matrix (a host-memory saving for
     131k-wide sets; the columns each stage moves to the GPU are what a real set would move). ``hold_dtype``: each
@@ -138,7 +138,8 @@ def calibrated_jumprelu_saes(layers, d: int, width: int, residuals: dict, *, l0:
         if W_dec is None or not shared:
             W_dec = torch.randn(width, d, generator=g, device=device)
             W_dec /= W_dec.norm(dim=-1, keepdim=True)
-        W_enc = W_dec.t()  # a view: no second copy
+            # its own (d, width) matrix, as a loaded set has: the memory and the column gathers a real set costs
+            W_enc = W_dec.t().contiguous()
         pre = residuals[layer].to(device=device, dtype=torch.float32) @ W_enc
         k = max(1, pre.numel() - l0 * pre.shape[0])
         thr = float(pre.flatten().kthvalue(k).values)

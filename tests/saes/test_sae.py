@@ -182,3 +182,39 @@ def test_an_sae_held_in_bfloat16_computes_in_float32(arch):
     assert torch.equal(held.encode(h), z) and held.encode(h).dtype == torch.float32
     assert torch.equal(held.encode_subset(h, ids), f32.encode_subset(h, ids))
     assert torch.equal(held.decode(z), f32.decode(z))
+
+
+def test_moved_crosses_devices_in_the_narrower_dtype():
+    """``moved`` is ``Tensor.to(device, dtype)`` with the same values, but a widening move crosses devices first
+    (a host-held bfloat16 weight goes to the GPU in half the bytes): the first ``to`` that changes the device
+    carries the source dtype. The "meta" device stands in for the GPU."""
+    from torch.overrides import TorchFunctionMode
+
+    from refusalscope.saes.sae import moved
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.to:
+                self.calls.append((args[0].dtype, args[0].device.type, out.dtype, out.device.type))
+            return out
+
+    t = torch.randn(4, 3).to(torch.bfloat16)
+    with Seen() as seen:
+        out = moved(t, "meta", torch.float32)
+    assert (out.dtype, out.device.type) == (torch.float32, "meta")
+    first_cross = next(c for c in seen.calls if c[1] != c[3])
+    assert first_cross[0] == first_cross[2] == torch.bfloat16  # moved as bfloat16, widened after
+    with Seen() as seen:  # narrowing: one Tensor.to, which converts on the source device (the fewer bytes again)
+        out = moved(t.float(), "meta", torch.bfloat16)
+    assert (out.dtype, out.device.type) == (torch.bfloat16, "meta") and len(seen.calls) == 1
+    for src, dtype in [(t, torch.float32), (t.float(), torch.bfloat16), (t.float(), torch.float32), (t, None)]:
+        for device in ["cpu", None]:  # same values as Tensor.to on one device
+            assert torch.equal(moved(src, device, dtype), src.to(device=device, dtype=dtype))
+    assert moved(None, "cpu", torch.float32) is None
+    if torch.cuda.is_available():
+        assert torch.equal(moved(t, "cuda", torch.float32).cpu(), t.float())

@@ -25,7 +25,7 @@ from refusalscope.errors import RefusalScopeError
 from refusalscope.lm.compiled import bucket, persistent
 from refusalscope.lm.hooks import Hook, current_attention_mask
 from refusalscope.interventions.base import Intervention
-from refusalscope.saes.sae import Sae
+from refusalscope.saes.sae import Sae, moved
 
 LatentSet = Mapping[int, Sequence[int]]  # layer -> latent ids
 
@@ -63,7 +63,7 @@ def encoder_on(sae: Sae, device: torch.device) -> Sae:
     device = torch.device(device)
     if sae.ready_on(device):
         return sae
-    mv = lambda t: None if t is None else t.to(device, torch.float32)  # noqa: E731
+    mv = lambda t: moved(t, device, torch.float32)  # noqa: E731
     placeholder = torch.zeros((), dtype=torch.float32, device=device).expand(sae.width, sae.d_in)
     return replace(sae, W_enc=mv(sae.W_enc), b_enc=mv(sae.b_enc), b_dec=mv(sae.b_dec), threshold=mv(sae.threshold),
                    W_dec=placeholder)
@@ -217,7 +217,7 @@ def _codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.T
     if plan.sub is not None:
         return z, plan.sub.W_dec
     # a host-held SAE's columns come over as float32 (no copy for an SAE ready on x's device)
-    return z, sae.W_dec.index_select(0, ids).to(x.device, torch.float32)
+    return z, moved(sae.W_dec.index_select(0, ids), x.device, torch.float32)
 
 
 def ablated_codes(plan: LayerPlan, x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,18 @@ from refusalscope.errors import RefusalScopeError
 ARCHS = ("relu", "jumprelu", "topk")
 
 
+def moved(t: torch.Tensor | None, device=None, dtype=None) -> torch.Tensor | None:
+    """``t.to(device, dtype)`` with the same values, crossing devices in the narrower of the two dtypes: a
+    bfloat16-held weight goes to the GPU as bfloat16 and is widened there (torch widens on the host first, then
+    moves twice the bytes)."""
+    if t is None:
+        return None
+    if (device is not None and dtype is not None and torch.device(device) != t.device
+            and torch.empty((), dtype=dtype).element_size() > t.element_size()):
+        return t.to(device).to(dtype)
+    return t.to(device=device, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class Sae:
     """One residual-stream SAE at the output of decoder layer ``layer``."""
@@ -73,7 +85,9 @@ class Sae:
         return f"blocks.{self.layer}.hook_resid_post"
 
     def to(self, device=None, dtype=None) -> "Sae":
-        mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        def mv(t):
+            return moved(t, device, dtype)
+
         return replace(self, W_enc=mv(self.W_enc), b_enc=mv(self.b_enc), W_dec=mv(self.W_dec), b_dec=mv(self.b_dec),
                        threshold=mv(self.threshold))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refusalscope.saes.sae import Sae
+from refusalscope.saes.sae import Sae, moved
 
 
 @dataclass
@@ -64,7 +64,7 @@ def train_topk(x: torch.Tensor, layer: int, cfg: TrainConfig, *, device: str | t
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen)
         for s in range(steps_per_epoch):
-            xb = x[order[s * cfg.batch_size:(s + 1) * cfg.batch_size]].to(device, torch.float32) * scale
+            xb = moved(x[order[s * cfg.batch_size:(s + 1) * cfg.batch_size]], device, torch.float32) * scale
             pre = (xb - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
             vals, idx = pre.topk(k, dim=-1, sorted=False)
             vals = vals.relu()
