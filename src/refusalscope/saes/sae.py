@@ -26,8 +26,8 @@ ARCHS = ("relu", "jumprelu", "topk")
 
 def moved(t: torch.Tensor | None, device=None, dtype=None) -> torch.Tensor | None:
     """``t.to(device, dtype)`` with the same values, crossing devices in the narrower of the two dtypes: a
-    bfloat16-held weight goes to the GPU as bfloat16 and is widened there (torch widens on the host first, then
-    moves twice the bytes)."""
+    bfloat16-held weight goes to the GPU as bfloat16 and is widened there (a blocking ``to`` widens on the host
+    first, then moves twice the bytes; ours holds both copies on the GPU for a moment instead)."""
     if t is None:
         return None
     if (device is not None and dtype is not None and torch.device(device) != t.device
