@@ -123,12 +123,12 @@ def word_tokenizer(vocab_size: int, words, arch: str):
 
 def calibrated_jumprelu_saes(layers, d: int, width: int, residuals: dict, *, l0: int = 64, device, seed: int = 0,
                              shared: bool = False, hold_dtype: torch.dtype | None = None):
-    """Random JumpReLU SAEs (fp32, unit decoder rows, W_enc = W_decᵀ held as its own matrix) whose one threshold per layer puts about
-    ``l0`` latents above it per token on ``residuals[layer]`` (T, d): active-feature counts like real SAEs', so
-    Stage 3 has thousands of candidates. ``shared``: every layer uses one random matrix (a host-memory saving for
-    131k-wide sets; the columns each stage moves to the GPU are what a real set would move). ``hold_dtype``: each
-    layer, once calibrated, is held in host memory in that dtype (``saes.placement.hold``), as ``--sae-dtype``
-    holds a loaded set."""
+    """Random JumpReLU SAEs (fp32, unit decoder rows, W_enc = W_decᵀ held as its own matrix) whose one threshold per
+    layer puts about ``l0`` latents above it per token on ``residuals[layer]`` (T, d): active-feature counts like
+    real SAEs', so Stage 3 has thousands of candidates. ``shared``: every layer uses one random decoder and encoder
+    (a host-memory saving for 131k-wide sets; the columns each stage moves to the GPU are what a real set would
+    move). ``hold_dtype``: each layer, once calibrated, is held in host memory in that dtype
+    (``saes.placement.hold``), as ``--sae-dtype`` holds a loaded set."""
     from refusalscope.saes.placement import hold
     from refusalscope.saes.sae import Sae
 
