@@ -239,3 +239,30 @@ def test_ce_cli(finished_run, fake_prose, capsys):
     assert fake_prose[-1] == (2, 0)
     rows = pd.read_parquet(run / "analyses" / "ce" / "ce.parquet")
     assert (rows.condition == "stage2_ablation").sum() == 2  # one set, two corpora
+
+
+def test_unablated_completions_are_eager_and_keyed_so_when_the_run_compiles(tiny_lm, monkeypatch):
+    """A run that compiles generation still gets CE's unablated completions from eager decoding (a hook-free
+    compiled step would be a graph of its own), cached under a key without "compiled"; a second call reads them."""
+    from helpers import FakeJudge
+    from refusalscope.lm import inference
+    from refusalscope.stages.context import CompletionCache, StageContext
+
+    calls = []
+
+    def spy(lm, instructions, **kw):
+        calls.append(kw.get("compile", "off"))
+        return inference.generate(lm, instructions, **kw)
+
+    monkeypatch.setattr(ce_loss, "generate", spy)
+    saes = {1: random_sae("relu", d=tiny_lm.d_model, m=24, layer=1)}
+    ctx = StageContext(tiny_lm, saes, FakeJudge.always(), max_new_tokens=4, batch_size=8, cache=CompletionCache(),
+                       compile="aot_eager")
+    assert ctx.generation_settings.get("compiled") == "aot_eager"
+    outs = ce_loss.unablated_completions(ctx, INSTRUCTIONS)
+    assert calls == ["off"]
+    assert outs == inference.generate(tiny_lm, INSTRUCTIONS, max_new_tokens=4, batch_size=8, progress=False)
+    eager = {k: v for k, v in ctx.generation_settings.items() if k != "compiled"}
+    keys = [CompletionCache.key(p, (), eager) for p in INSTRUCTIONS]
+    assert set(ctx.cache.get_many(keys)) == set(keys)
+    assert ce_loss.unablated_completions(ctx, INSTRUCTIONS) == outs and calls == ["off"]  # read from the cache

@@ -116,14 +116,16 @@ def prose_text(tokenizer, passage: str, max_tokens: int) -> CeText | None:
 def unablated_completions(ctx, instructions: Sequence[str], *, progress: bool = False) -> list[str]:
     """The unablated model's greedy completions through the run's completion cache: the entries of the empty set
     that ``ctx.judged(prompt, [[]])`` reads and writes, generated in batches where missing (no judge needed)."""
-    # whole completions only: never an entry a judge stopped early (those carry "stopped_by" in their settings)
-    settings = {k: v for k, v in ctx.generation_settings.items() if k != "stopped_by"}
+    # whole completions only: never an entry a judge stopped early (those carry "stopped_by" in their settings);
+    # eager even when the run compiles generation (its key says so), as clamping is: a hook-free
+    # decode step would be a graph of its own, minutes of compiling on a GPU for ~100 completions of seconds
+    settings = {k: v for k, v in ctx.generation_settings.items() if k not in ("stopped_by", "compiled")}
     keys = [ctx.cache.key(p, (), settings) for p in instructions]
     known = ctx.cache.get_many(keys)
     todo = [i for i, k in enumerate(keys) if k not in known]
     if todo:
         outs = generate(ctx.lm, [instructions[i] for i in todo], max_new_tokens=ctx.max_new_tokens,
-                        batch_size=ctx.batch_size, desc="completions", progress=progress, compile=ctx.compile)
+                        batch_size=ctx.batch_size, desc="completions", progress=progress)
         ctx.cache.put_many([(keys[i], instructions[i], (), settings, o) for i, o in zip(todo, outs)])
         known.update({keys[i]: o for i, o in zip(todo, outs)})
     return [known[k] for k in keys]
