@@ -115,10 +115,11 @@ def prose_text(tokenizer, passage: str, max_tokens: int) -> CeText | None:
 
 def unablated_completions(ctx, instructions: Sequence[str], *, progress: bool = False) -> list[str]:
     """The unablated model's greedy completions through the run's completion cache: the entries of the empty set
-    that ``ctx.judged(prompt, [[]])`` reads and writes, generated in batches where missing (no judge needed)."""
+    that ``ctx.judged(prompt, [[]])`` reads and writes (in a run that compiles generation, the eager ones: keyed
+    without "compiled"), generated in batches where missing (no judge needed)."""
     # whole completions only: never an entry a judge stopped early (those carry "stopped_by" in their settings);
-    # eager even when the run compiles generation (its key says so), as clamping is: a hook-free
-    # decode step would be a graph of its own, minutes of compiling on a GPU for ~100 completions of seconds
+    # eager even when the run compiles generation, as clamping is: a hook-free decode step would be a graph of its
+    # own, minutes of compiling on a GPU for ~100 completions of seconds
     settings = {k: v for k, v in ctx.generation_settings.items() if k not in ("stopped_by", "compiled")}
     keys = [ctx.cache.key(p, (), settings) for p in instructions]
     known = ctx.cache.get_many(keys)
