@@ -250,7 +250,9 @@ def build(args, device: torch.device) -> dict:
     z = lambda *shape: torch.zeros(()).expand(*shape)  # noqa: E731 (sizes only, no memory)
     sized = {ly: Sae("jumprelu", z(d, W), z(W), z(W, d), z(d), ly, threshold=z(W)) for ly in layers}
     where = choose_placement(sized, device, args.sae_placement)
-    make_on = device if where == "device" else torch.device("cpu")
+    # a layer held in bfloat16 is made on the model's device, one at a time, and comes to the host narrowed
+    # (``saes.placement.hold``): a 131k set's random draws, transposes and calibrations then run on the GPU
+    make_on = device if where == "device" or args.sae_dtype == "bfloat16" else torch.device("cpu")
     saes = calibrated_jumprelu_saes(layers, d, args.width, resid, l0=args.l0, device=make_on,
                                     shared=where == "host" and args.sae_dtype == "float32",
                                     hold_dtype=torch.bfloat16 if args.sae_dtype == "bfloat16" else None)

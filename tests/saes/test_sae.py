@@ -185,9 +185,9 @@ def test_an_sae_held_in_bfloat16_computes_in_float32(arch):
 
 
 def test_moved_crosses_devices_in_the_narrower_dtype():
-    """``moved`` is ``Tensor.to(device, dtype)`` with the same values, but a widening move crosses devices first
-    (a host-held bfloat16 weight goes to the GPU in half the bytes): the first ``to`` that changes the device
-    carries the source dtype. The "meta" device stands in for the GPU."""
+    """``moved`` is ``Tensor.to(device, dtype)`` with the same values, but the ``to`` that changes the device
+    carries the narrower dtype: a widening move crosses first (a host-held bfloat16 weight goes to the GPU in half
+    the bytes), a narrowing one converts first. The "meta" device stands in for the GPU."""
     from torch.overrides import TorchFunctionMode
 
     from refusalscope.saes.sae import moved
@@ -209,9 +209,11 @@ def test_moved_crosses_devices_in_the_narrower_dtype():
     assert (out.dtype, out.device.type) == (torch.float32, "meta")
     first_cross = next(c for c in seen.calls if c[1] != c[3])
     assert first_cross[0] == first_cross[2] == torch.bfloat16  # moved as bfloat16, widened after
-    with Seen() as seen:  # narrowing: one Tensor.to, which converts on the source device (the fewer bytes again)
+    with Seen() as seen:  # narrowing: converted where it is, then moved
         out = moved(t.float(), "meta", torch.bfloat16)
-    assert (out.dtype, out.device.type) == (torch.bfloat16, "meta") and len(seen.calls) == 1
+    assert (out.dtype, out.device.type) == (torch.bfloat16, "meta")
+    crossings = [c for c in seen.calls if c[1] != c[3]]
+    assert len(crossings) == 1 and crossings[0][0] == crossings[0][2] == torch.bfloat16
     for src, dtype in [(t, torch.float32), (t.float(), torch.bfloat16), (t.float(), torch.float32), (t, None)]:
         for device in ["cpu", None]:  # same values as Tensor.to on one device
             assert torch.equal(moved(src, device, dtype), src.to(device=device, dtype=dtype))

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 
 from refusalscope.errors import RefusalScopeError
-from refusalscope.saes.sae import Sae
+from refusalscope.saes.sae import Sae, moved
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ def hold(sae: Sae, dtype: torch.dtype) -> Sae:
     """``sae`` in host memory with its encoder and decoder matrices in ``dtype`` (biases and thresholds, a width's
     worth of numbers each, stay float32)."""
     cpu = lambda t: None if t is None else t.to("cpu")  # noqa: E731 (the matrices are not copied in float32 first)
-    return replace(sae, W_enc=sae.W_enc.to("cpu", dtype), W_dec=sae.W_dec.to("cpu", dtype), b_enc=cpu(sae.b_enc),
-                   b_dec=cpu(sae.b_dec), threshold=cpu(sae.threshold))
+    return replace(sae, W_enc=moved(sae.W_enc, "cpu", dtype), W_dec=moved(sae.W_dec, "cpu", dtype),
+                   b_enc=cpu(sae.b_enc), b_dec=cpu(sae.b_dec), threshold=cpu(sae.threshold))
 
 
 class HostHolding:

@@ -26,14 +26,16 @@ ARCHS = ("relu", "jumprelu", "topk")
 
 def moved(t: torch.Tensor | None, device=None, dtype=None) -> torch.Tensor | None:
     """``t.to(device, dtype)`` with the same values, crossing devices in the narrower of the two dtypes: a
-    bfloat16-held weight goes to the GPU as bfloat16 and is widened there (a blocking ``to`` widens on the host
-    first, then moves twice the bytes; ours holds both copies on the GPU for a moment instead)."""
+    bfloat16-held weight goes to the GPU as bfloat16 and is widened there, and a float32 one on the GPU is narrowed
+    there before it comes to the host (a blocking ``to`` converts on the host either way, so it moves float32 bytes;
+    widening on the GPU holds both copies there for a moment instead)."""
     if t is None:
         return None
-    if (device is not None and dtype is not None and torch.device(device) != t.device
-            and torch.empty((), dtype=dtype).element_size() > t.element_size()):
-        return t.to(device).to(dtype)
-    return t.to(device=device, dtype=dtype)
+    if device is None or dtype is None or torch.device(device) == t.device or dtype == t.dtype:
+        return t.to(device=device, dtype=dtype)
+    if torch.empty((), dtype=dtype).element_size() > t.element_size():
+        return t.to(device).to(dtype)  # widening: move, then convert
+    return t.to(dtype).to(device)  # narrowing (or the same size): convert, then move
 
 
 @dataclass(frozen=True)
