@@ -341,11 +341,9 @@ def main(argv=None) -> dict:
     from refusalscope.analysis.ce_loss import ChunkedCe, ablated_sums, sets_per_forward
     from refusalscope.analysis.controls import controls_flow, run_controls
     from refusalscope.analysis.hydra import analyse_prompt, hydra_flow
-    from refusalscope.config import ObrienOptions
+    from refusalscope.config import ObrienOptions, Stage3Options
     from refusalscope.interventions.direction import DirectionAblation
-    from refusalscope.saes.features import as_latent_set
-    from refusalscope.config import Stage3Options
-    from refusalscope.saes.features import Feature
+    from refusalscope.saes.features import Feature, as_latent_set
     from refusalscope.stages.context import CompletionCache, StageContext
     from refusalscope.stages.scoring import refusal_probs_for_batch
     from refusalscope.lm.prompts import format_chat, tokenize

@@ -120,7 +120,7 @@ def unablated_completions(ctx, instructions: Sequence[str], *, progress: bool = 
     # whole completions only: never an entry a judge stopped early (those carry "stopped_by" in their settings);
     # eager even when the run compiles generation, as clamping is: a hook-free decode step would be a graph of its
     # own, minutes of compiling on a GPU for ~100 completions of seconds
-    settings = {k: v for k, v in ctx.generation_settings.items() if k not in ("stopped_by", "compiled")}
+    settings = {k: v for k, v in ctx.eager_generation_settings.items() if k != "stopped_by"}
     keys = [ctx.cache.key(p, (), settings) for p in instructions]
     known = ctx.cache.get_many(keys)
     todo = [i for i, k in enumerate(keys) if k not in known]

@@ -234,7 +234,7 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
     rows += [(m, float(v), p) for m in settings.modes for v in settings.values for p in benign]
     # eager even when the run compiles generation (its key says so): clamps act on prompt positions only, and
     # every chunk's different set of clamp hooks would compile a new decode step for nothing
-    gen = {k: v for k, v in ctx.generation_settings.items() if k != "compiled"}
+    gen = ctx.eager_generation_settings
     row_sets, row_settings = [], []
     for mode, value, _ in rows:
         where = [[str(s.feature), s.anchor, s.offset] for s in sites.get(mode, [])]

@@ -28,6 +28,12 @@ _MAKES = {
 }
 
 
+def explicit(settings, name: str):
+    """An analysis' model option only when the user set it (else None: the run's own value, so cached completions
+    match)."""
+    return getattr(settings, name) if name in settings.model_fields_set else None
+
+
 class FinishedRun:
     """Read access to a run directory written by ``refusalscope run`` (and ``interactions``, ``analyze``)."""
 

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 
+from refusalscope.analysis.finished_run import explicit
 from refusalscope.errors import RefusalScopeError
 from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import LatentAblation, LatentRecorder, encoder_on, reference_ablate
@@ -583,11 +584,6 @@ def plot_graph(graphs, max_edges: int = 200):
 
 # ---- the analysis -------------------------------------------------------------------------------------------------
 
-def _explicit(settings, name: str):
-    """A model option only when the user set it (else the run's own value, so cached completions match)."""
-    return getattr(settings, name) if name in settings.model_fields_set else None
-
-
 def prompt_settings(finished, settings, sets: Mapping[str, Sequence[Feature]]) -> dict:
     """What a prompt's result depends on; a rerun recomputes a prompt whose stored settings differ."""
     return {"sets": {name: [str(f) for f in fs] for name, fs in sets.items()},
@@ -595,7 +591,7 @@ def prompt_settings(finished, settings, sets: Mapping[str, Sequence[Feature]]) -
             "wake_scope": settings.wake_scope,
             "judge": settings.judge or finished.config.get("judge", "substring"),
             "max_new_tokens": settings.max_new_tokens or finished.config.get("max_new_tokens"),
-            "dtype": _explicit(settings, "dtype") or finished.config.get("dtype", "auto")}
+            "dtype": explicit(settings, "dtype") or finished.config.get("dtype", "auto")}
 
 
 def run(finished, settings, progress: bool = True) -> dict:
@@ -617,13 +613,13 @@ def run(finished, settings, progress: bool = True) -> dict:
     from refusalscope.pipeline.steps import groups
 
     group = finished.prompt_batch(settings.prompt_batch)
-    per_prompt_batch = finished.batch_size(_explicit(settings, "batch_size"), 1)
+    per_prompt_batch = finished.batch_size(explicit(settings, "batch_size"), 1)
 
     def context():
         if not ctx_cache:
-            ctx_cache.append(finished.context(device=_explicit(settings, "device"), dtype=_explicit(settings, "dtype"),
+            ctx_cache.append(finished.context(device=explicit(settings, "device"), dtype=explicit(settings, "dtype"),
                                               judge=settings.judge, max_new_tokens=settings.max_new_tokens,
-                                              batch_size=finished.batch_size(_explicit(settings, "batch_size"),
+                                              batch_size=finished.batch_size(explicit(settings, "batch_size"),
                                                                              group)))
             spans_cache.append(template_spans(ctx_cache[0].lm.tokenizer))
         return ctx_cache[0]

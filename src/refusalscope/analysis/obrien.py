@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refusalscope.analysis.finished_run import FinishedRun
+from refusalscope.analysis.finished_run import FinishedRun, explicit
 from refusalscope.config import parse_layers
 from refusalscope.errors import RefusalScopeError
 from refusalscope.interventions import hooks_for
@@ -96,7 +96,8 @@ def prompt_flow(ctx, prompt_id: int, prompt: str, stage2: Sequence[Feature], ran
     """The prompt's Stage-2 set, its random controls and the O'Brien set at every k (features active on ≥ k tokens
     at ``layers``), judged as one request: a flow (``StageContext.lockstep``), so several prompts' completions
     share generation batches. Returns the prompt's result record."""
-    counts = token_counts(ctx.lm, {layer: s for layer, s in ctx.saes.items() if layer in set(layers)}, prompt)
+    wanted = set(layers)
+    counts = token_counts(ctx.lm, {layer: s for layer, s in ctx.saes.items() if layer in wanted}, prompt)
     randoms = [list(r) for r in randoms]
     obrien = [active_on_at_least(counts, k) for k in k_values]
     sets = ([list(stage2)] if stage2 else []) + randoms + obrien  # one request: distinct sets are generated once
@@ -178,9 +179,9 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
     from refusalscope.pipeline.steps import groups
 
     group = finished.prompt_batch(settings.prompt_batch)
-    explicit = settings.batch_size if "batch_size" in settings.model_fields_set else None
     ctx = finished.context(device=settings.device, dtype=settings.dtype, judge=settings.judge,
-                           max_new_tokens=settings.max_new_tokens, batch_size=finished.batch_size(explicit, group),
+                           max_new_tokens=settings.max_new_tokens,
+                           batch_size=finished.batch_size(explicit(settings, "batch_size"), group),
                            layers=sorted(set(layers) | extra))
     judge = ctx.judge.name
     key = digest({"k_values": k_values, "layers": layers, "judge": judge, **ctx.generation_settings})
@@ -194,16 +195,16 @@ def run(finished: FinishedRun, settings, progress: bool = True) -> dict:
         if old is not None and old.get("key") == mine:
             done[rec.id] = old
         else:
-            todo.append((rec, randoms, mine))
+            todo.append((rec, randoms, mine, name))
     with tqdm(total=len(records), initial=len(done), desc="controls", unit="prompt", disable=not progress,
               dynamic_ncols=True) as bar:
         # a group's completions share generation batches; each prompt's file is written as its group ends
         for part in groups(todo, group):
             flows = [prompt_flow(ctx, rec.id, rec.prompt, finished.stage2_set(rec), randoms, k_values, layers)
-                     for rec, randoms, _ in part]
-            for (rec, _, mine), res in zip(part, ctx.lockstep(flows)):
+                     for rec, randoms, _, _ in part]
+            for (rec, _, mine, name), res in zip(part, ctx.lockstep(flows)):
                 res = {"key": mine, **res}
-                finished.store.write_json(f"{OUT}/prompts/{rec.id:05d}.json", res)
+                finished.store.write_json(name, res)
                 done[rec.id] = res
             bar.update(len(part))
     results = [done[rec.id] for rec in records]

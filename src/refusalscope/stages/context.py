@@ -160,6 +160,12 @@ class StageContext:
             out["sae_dtype"] = self.sae_dtype
         return out
 
+    @property
+    def eager_generation_settings(self) -> dict:
+        """``generation_settings`` of a completion this context decodes eagerly whatever its compile mode (the
+        analyses' generations without ablation hooks: a compiled step for them would be a graph of its own)."""
+        return {k: v for k, v in self.generation_settings.items() if k != "compiled"}
+
     def judged(self, prompt: str, sets: Sequence[Iterable]) -> list[Judged]:
         """Ablate each set (one generation row per distinct set, all in one batch), generate, judge.
 

@@ -197,15 +197,23 @@ def load_fm(store: RunStore) -> tuple[FactorizationMachine, list]:
 
 # ---- 2. rankings (pure) -------------------------------------------------------------------------------------------
 
+def _present(features: Sequence[Feature], table: Mapping) -> tuple[list[Feature], np.ndarray | None]:
+    """The features ``table`` holds, in order, and (a ``FeatureTable``: one vectorized lookup) their rows of its
+    ``data``; None for any other mapping."""
+    if isinstance(table, idata.FeatureTable):
+        rows = table.rows(features)
+        have = np.flatnonzero(rows >= 0)
+        return [features[i] for i in have.tolist()], rows[have]
+    return [f for f in features if f in table], None
+
+
 def _embedded(features: Sequence[Feature], embeddings: Mapping[Feature, torch.Tensor]
               ) -> tuple[list[Feature], torch.Tensor]:
     """The features that have an embedding, in order, and their embeddings stacked (one gather from a
     ``FeatureTable``)."""
-    if isinstance(embeddings, idata.FeatureTable):
-        rows = embeddings.rows(features)
-        have = np.flatnonzero(rows >= 0)
-        return [features[i] for i in have.tolist()], embeddings.data[torch.from_numpy(rows[have])]
-    have = [f for f in features if f in embeddings]
+    have, rows = _present(features, embeddings)
+    if rows is not None:
+        return have, embeddings.data[torch.from_numpy(rows)]
     return have, torch.stack([embeddings[f] for f in have]) if have else torch.zeros(0)
 
 
@@ -228,13 +236,9 @@ def rank_by_fm(candidates: Sequence[Feature], anchors: Sequence[Feature], embedd
 
 def rank_by_probe(candidates: Sequence[Feature], weights: Mapping[Feature, float]) -> list[tuple[Feature, float]]:
     """Candidates by the probe's |w|, best first (the paper's linear baseline)."""
-    if isinstance(weights, idata.FeatureTable):  # one vectorized lookup
-        rows = weights.rows(candidates)
-        have = np.flatnonzero(rows >= 0)
-        pairs = list(zip([candidates[i] for i in have.tolist()], weights.data[rows[have]].tolist()))
-    else:
-        pairs = [(f, weights[f]) for f in candidates if f in weights]
-    return sorted(pairs, key=lambda p: (-p[1], p[0]))
+    have, rows = _present(candidates, weights)
+    values = weights.data[rows].tolist() if rows is not None else [weights[f] for f in have]
+    return sorted(zip(have, values), key=lambda p: (-p[1], p[0]))
 
 
 # ---- 3. one prompt ------------------------------------------------------------------------------------------------
