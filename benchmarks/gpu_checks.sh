@@ -28,7 +28,9 @@
 # all: LLAMA_SAE_DTYPE=bfloat16 holds the 131k set's 32 distinct layers in bfloat16 (69 GB of host memory) instead of
 # one float32 matrix shared by every layer.
 # A 15-minute device budget fits lockstep (SKIP_TEST=1 LOCKSTEP_S=540: the ≥ 50x ratio in one run and the
-# AdvBench-520 estimate; its per-group lines and the "fast path:" line come first, so a cut run still reports them)
+# AdvBench-520 estimate; its per-group lines and the "fast path:" line come first, and a "reference so far:" line
+# (the ratio over the reference forms run so far, a lower bound) follows each reference form, so a cut run still
+# reports them)
 # and then, on the warm machine, stage2 with what is left (STAGE2_S=200; Stage 2 is ~1.7 s of a prompt, so
 # compiled scoring moves the estimate little either way).
 # Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).

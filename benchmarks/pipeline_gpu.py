@@ -37,8 +37,10 @@ peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water
 - Stage 2: ``prune_sequential`` (two sets per forward, nothing shared) for ``--reference-pairs`` (τ, seed) pairs,
   scaled to all 24 pairs (its cost per pair is about the same).
 With ``--prompt-batch G`` each stage and analysis runs G prompts in lockstep (``StageContext.lockstep``; CE: the
-group's sets, 8 per forward on a GPU) and every prompt of the group is charged the group's time / G. Prints one
-JSON object last (also written to ``--json``).
+group's sets, 8 per forward on a GPU) and every prompt of the group is charged the group's time / G. Prints a line
+per stage and group, the fast path's summary before any reference form runs, then a "reference so far:" line after
+each reference form (the ratio over the forms run so far: a lower bound, so a run cut by a time limit still gives
+one), and one JSON object last (also written to ``--json``).
 """
 
 from __future__ import annotations
@@ -511,10 +513,25 @@ def main(argv=None) -> dict:
         ropts = opts.model_copy(update={"k_chunk": 1})
         t = {s: 0.0 for s in STAGES}
         same_sets: list[bool] = []
+        partial: list[dict] = []
+        warm_prompts = [sum(times[s][G + i] for s in STAGES) for i in range(len(prompts) - G)]
+
+        def so_far(i: int, stage: str) -> None:
+            """One line after each reference form: the ratio over the forms run so far, a lower bound on the
+            whole one (those not yet run count 0), so a run cut by a time limit during them still reports it."""
+            ref_s = sum(t.values()) / (i + 1)
+            line = {"prompt": i, "after": stage, "reference_s": round(ref_s, 3),
+                    "ratio_at_least": round(ref_s / sum(sum(times[s][:i + 1]) / (i + 1) for s in STAGES), 2)}
+            if warm_prompts:
+                line["warm_ratio_at_least"] = round(ref_s / (sum(warm_prompts) / len(warm_prompts)), 2)
+            partial.append(line)
+            print("reference so far:", json.dumps(line), flush=True)
+
         for i, prompt in enumerate(prompts[:n_ref]):
             with Meter(device) as m:
                 run_stage1(rctx, prompt, ranked, step=args.k_step, cap=args.k_cap, chunk=1)
             t["stage1"] += m.seconds
+            so_far(i, "stage1")
             batch = tokenize(lm.tokenizer, format_chat(lm.tokenizer, [prompt]), lm.device)
             ids = lm.refusal_token_ids()
 
@@ -526,6 +543,7 @@ def main(argv=None) -> dict:
             with Meter(device) as m:
                 ref_kept = {pair: prune_sequential(cands, prob, *pair) for pair in pairs}
             t["stage2"] += m.seconds * (len(TAUS) * 3) / len(pairs)
+            so_far(i, "stage2")
             # the fast path must keep the same sets (exact in fp32; bf16 sums depend on the batch shape)
             fast = {c.seed: Chain(c.seed, c.blocks, c.probs) for c in stage2_chains[prompt]}
             same_sets.extend(fast[seed].kept(tau) == kept for (tau, seed), kept in ref_kept.items())
@@ -533,24 +551,29 @@ def main(argv=None) -> dict:
                 run_controls(rctx, prompt, chosen_sets[prompt], tau=0.1, jailbroken=False, n_random=1, seed=0,
                              prompt_id=i)
             t["controls"] += m.seconds
+            so_far(i, "controls")
             with Meter(device) as m:
                 run_stage3(rctx, i, prompt, chosen_sets[prompt], 0.1, models, ropts, {})
             t["stage3"] += m.seconds
+            so_far(i, "stage3")
             # the analyses: one completion per generation call, one ablated row per recording forward
             with Meter(device) as m:
                 analyse_prompt(rctx, i, prompt, {"stage2": chosen_sets[prompt], "stage3": stage3_sets[prompt]},
                                settings={}, wake_scope="all")
             t["hydra"] += m.seconds
+            so_far(i, "hydra")
             with Meter(device) as m:  # the plain per-position count, then every set judged
                 counts = obrien.reference_token_counts(lm, stage_saes, prompt)
                 rctx.judged(prompt, [chosen_sets[prompt], *randoms[prompt],
                                      *(obrien.active_on_at_least(counts, k) for k in obrien_k)])
             t["obrien"] += m.seconds
+            so_far(i, "obrien")
             with Meter(device) as m:  # one text and one set per forward, every layer computed
                 plain = ChunkedCe(lm, texts, 1)
                 for feats in (chosen_sets[prompt], stage3_sets[prompt]):
                     plain.run(row_sets=[as_latent_set(feats)], saes=ctx.saes)
             t["ce"] += m.seconds
+            so_far(i, "ce")
         for s in STAGES:
             fast = sum(times[s][:n_ref]) / n_ref
             ref[s] = {"reference_s": round(t[s] / n_ref, 3), "fast_s": round(fast, 3),
@@ -558,7 +581,7 @@ def main(argv=None) -> dict:
         total_ref, total_fast = sum(t.values()) / n_ref, sum(sum(times[s][:n_ref]) / n_ref for s in STAGES)
         ref["total"] = {"reference_s": round(total_ref, 3), "fast_s": round(total_fast, 3),
                         "ratio": round(total_ref / total_fast, 2) if total_fast > 0 else None}
-        warm = [sum(times[s][G + i] for s in STAGES) for i in range(len(prompts) - G)]
+        warm = warm_prompts
         if warm:  # against the prompts after the first group: no compile or warm-up in them (every prompt here
             # has the same worst-case work, so the reference of the first prompt stands for theirs)
             ref["total"]["warm_fast_s"] = round(sum(warm) / len(warm), 3)
@@ -567,6 +590,7 @@ def main(argv=None) -> dict:
         ref["stage2"]["same_sets"] = f"{sum(same_sets)} of {len(same_sets)}"
         ref["prompts"] = n_ref
     out["reference"] = ref
+    out["partial_reference"] = partial if n_ref else []
     if device.type == "cuda":  # each Meter resets the peak: the run's peak is the largest of the blocks'
         out["peak_gpu_mb"] = round(max([out["setup_peak_gpu_mb"], *peaks.values(), out["fm_per_run"]["peak_mb"],
                                         out["ce_texts_per_run"]["peak_mb"],

@@ -32,6 +32,13 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
                                                  abs=5e-3)
     assert total["ratio"] == pytest.approx(total["reference_s"] / total["fast_s"], rel=0.02, abs=0.01)
     assert "warm_ratio" not in total  # both prompts ran in the first group: no warm prompt to compare
+    # a line after each reference form: the ratio so far only grows, and after the last it is the whole ratio
+    partial = [json.loads(ln.split(":", 1)[1]) for ln in printed.splitlines() if ln.startswith("reference so far:")]
+    assert [x["after"] for x in partial] == list(bench.STAGES)
+    bounds = [x["ratio_at_least"] for x in partial]
+    assert bounds == sorted(bounds) and bounds[0] > 0 and "warm_ratio_at_least" not in partial[-1]
+    assert partial[-1]["reference_s"] == pytest.approx(total["reference_s"], abs=5e-3)
+    assert bounds[-1] == pytest.approx(total["ratio"], rel=0.02, abs=0.01)
     assert out["estimate"] is None  # nor one to estimate a longer run from
     assert out["direction_s_per_run"] > 0 and out["ranking_s_per_run"] >= 0
     # worst case, whatever the random model says: Stage 1 tries every K, Stage 2 covers the whole chain of all
@@ -78,6 +85,8 @@ def test_pipeline_benchmark_compiles_generation_once_per_shape(tmp_path, monkeyp
     warm = sum(out["per_prompt"][s]["seconds"][1] for s in stages)
     assert total["warm_fast_s"] == pytest.approx(warm, abs=5e-3)
     assert total["warm_ratio"] == pytest.approx(total["reference_s"] / total["warm_fast_s"], rel=0.02, abs=0.01)
+    assert out["partial_reference"][-1]["warm_ratio_at_least"] == pytest.approx(total["warm_ratio"], rel=0.02,
+                                                                               abs=0.01)
     # AdvBench-520 at these sweep sizes: once-per-run work (setup, direction, ranking, the FM, the CE texts), the
     # first prompt, 519 more at the second's time
     est = out["estimate"]
