@@ -507,13 +507,13 @@ def main(argv=None) -> dict:
 
     # the reference forms, on the first prompts, in the same process
     ref: dict = {}
+    partial: list[dict] = []  # the "reference so far:" lines
     n_ref = min(args.reference_prompts, len(prompts))
     if n_ref:
         rctx = context(1)
         ropts = opts.model_copy(update={"k_chunk": 1})
         t = {s: 0.0 for s in STAGES}
         same_sets: list[bool] = []
-        partial: list[dict] = []
         warm_prompts = [sum(times[s][G + i] for s in STAGES) for i in range(len(prompts) - G)]
 
         def so_far(i: int, stage: str) -> None:
@@ -590,7 +590,7 @@ def main(argv=None) -> dict:
         ref["stage2"]["same_sets"] = f"{sum(same_sets)} of {len(same_sets)}"
         ref["prompts"] = n_ref
     out["reference"] = ref
-    out["partial_reference"] = partial if n_ref else []
+    out["partial_reference"] = partial
     if device.type == "cuda":  # each Meter resets the peak: the run's peak is the largest of the blocks'
         out["peak_gpu_mb"] = round(max([out["setup_peak_gpu_mb"], *peaks.values(), out["fm_per_run"]["peak_mb"],
                                         out["ce_texts_per_run"]["peak_mb"],
