@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench_common import random_jumprelu_saes, random_model, sync
+from bench_common import emit, random_jumprelu_saes, random_model, sync
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
         row["speedup_fast_vs_dense"] = round(row["dense_s"] / row["fast_s"], 2)
         out["results"].append(row)
         print(json.dumps(row), flush=True)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench_common import random_jumprelu_saes, random_model, sync
+from bench_common import emit, random_jumprelu_saes, random_model, sync
 
 TAUS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
@@ -274,7 +274,7 @@ def main() -> None:
         out["stages_1_2_s"] = round(t_stage1 + t_batched, 2)
         if args.skip_inactive:
             out["stages_1_2_skipping_s"] = round(t_stage1 + t_skip, 2)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def moved(t: torch.Tensor | None, device=None, dtype=None) -> torch.Tensor | Non
         return None
     if device is None or dtype is None or torch.device(device) == t.device or dtype == t.dtype:
         return t.to(device=device, dtype=dtype)
-    if torch.empty((), dtype=dtype).element_size() > t.element_size():
+    if dtype.itemsize > t.element_size():
         return t.to(device).to(dtype)  # widening: move, then convert
     return t.to(dtype).to(device)  # narrowing (or the same size): convert, then move
 

@@ -530,6 +530,7 @@ class FeatureGroups:
         if n == 0 or bool((key[1:] >= key[:-1]).all()):  # sorted columns (combine's): runs in place
             order = np.arange(n)
             starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if n else order
+            counts = np.diff(np.append(starts, n))
         else:
             by_key = np.argsort(key, kind="stable")  # a feature's columns stay ascending
             ks = key[by_key]
@@ -540,7 +541,6 @@ class FeatureGroups:
             order = by_key[np.argsort(group, kind="stable")]
             counts = np.bincount(group, minlength=len(runs))
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        counts = np.diff(np.append(starts, n))
         at = order[starts]
         return cls(layer[at], latent[at], order, starts, counts)
 
