@@ -116,6 +116,24 @@ class RunStore:
     def write_table(self, name: str, frame: pd.DataFrame) -> Path:
         return _atomic(self.path(name), lambda tmp: frame.to_parquet(tmp, index=False))
 
+    def write_table_parts(self, name: str, parts, columns: dict[str, str]) -> Path:
+        """One Parquet table from an iterable of pyarrow tables (or DataFrames), one row group each, never all in
+        memory (a table too large to build whole); ``columns``: name → pyarrow type name, the schema also when
+        there are no parts."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([(c, getattr(pa, t)()) for c, t in columns.items()])
+
+        def write(tmp):
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for part in parts:
+                    if isinstance(part, pd.DataFrame):
+                        part = pa.Table.from_pandas(part[list(columns)], schema=schema, preserve_index=False)
+                    writer.write_table(part.select(list(columns)).cast(schema))
+
+        return _atomic(self.path(name), write)
+
     def read_table(self, name: str) -> pd.DataFrame:
         p = self.path(name)
         if not p.is_file():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import FakeJudge, analysis_alone_and_grouped, random_sae
-from refusalscope.analysis import hydra
+from refusalscope.analysis import hydra, hydra_graph
 from refusalscope.analysis.clamping import firings as clamp_firings
 from refusalscope.analysis.clamping import redundant_features
 from refusalscope.analysis.finished_run import FinishedRun
@@ -173,7 +173,7 @@ def test_planted_dormant_feature_is_woken_and_gets_its_edge(tiny_lm):
     assert counted.loc[("all", "user"), "share"] == pytest.approx(
         (tok.segment == "user").sum() / len(tok))
 
-    g = hydra.build_graph(frames["edges"], roles=hydra.feature_roles([res]))
+    g = hydra_graph.build_graph(frames["edges"], roles=hydra_graph.feature_roles([res]))
     assert set(g.edges) == {(str(A), str(B2)), (str(A), str(B))}
     assert g.nodes[str(A)]["role"] == "active" and g.nodes[str(B)]["role"] == "dormant"
     assert g.nodes[str(B)]["layer"] == 3 and g.edges[str(A), str(B)]["n_prompts"] == 1
@@ -212,8 +212,8 @@ def test_scope_all_adds_the_latent_outside_the_set(tiny_lm):
     tok = frames["tokens"]
     assert set(tok[(tok.scope == "all") & (tok.feature == str(OUTSIDE))].position) == set(woken_all[OUTSIDE].positions)
     assert set(frames["segments"].scope) == {"set", "all"}
-    g_set = hydra.build_graph(frames["edges"], scope="set", roles=hydra.feature_roles([res]))
-    g_all = hydra.build_graph(frames["edges"], scope="all", roles=hydra.feature_roles([res]))
+    g_set = hydra_graph.build_graph(frames["edges"], scope="set", roles=hydra_graph.feature_roles([res]))
+    g_all = hydra_graph.build_graph(frames["edges"], scope="all", roles=hydra_graph.feature_roles([res]))
     assert set(g_set.edges) == {(str(A), str(B2)), (str(A), str(B))}
     assert (str(A), str(OUTSIDE)) in g_all.edges and not any(str(OUTSIDE) in e for e in g_set.edges)
     assert set(g_set.edges) <= set(g_all.edges)
@@ -233,7 +233,7 @@ def test_sink_note_only_for_saes_with_max_norm(tiny_lm):
     res = hydra.analyse_prompt(ctx, 0, PROMPT, {"stage2": [A, B]}, settings={})
     assert res.max_norm_layers == [1, 3]
     frames = hydra.tables([res])
-    summary = hydra.summarize([res], frames, hydra.build_graph(frames["edges"]), "activation")
+    summary = hydra.summarize([res], frames, hydra_graph.build_graph(frames["edges"]), "activation")
     assert "first-token share is 0 by construction" in summary["sink_note"] and "1,3" in summary["sink_note"]
     assert any(line.startswith("note:") for line in hydra.summary_lines(summary))
 
@@ -323,28 +323,37 @@ def test_cli_writes_every_file(finished_run, monkeypatch, capsys):
     assert not outside & set(clamp_firings(finished, sorted(outside)))
 
 
+def _firings_plain(acts, features, threshold):
+    """The per-column loop ``hydra.firings`` vectorizes."""
+    out = []
+    for j, f in enumerate(features):
+        col = acts[:, j]
+        pos = torch.nonzero(col > threshold).flatten().tolist()
+        if pos:
+            out.append(hydra.Firing(feature=f, max_act=float(col.max()), positions=pos,
+                                    activations=[float(col[p]) for p in pos]))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_firings_match_a_loop_over_the_columns(threshold):
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(9, 40, generator=g)) * (torch.rand(9, 40, generator=g) < 0.2)
+    acts[:, 3] = 0  # a column that never fires
+    acts[:, 7] = 2.0  # one that fires everywhere
+    features = [Feature(2 + j % 3, 10 * j) for j in range(40)]
+    got = hydra.firings(acts, features, threshold)
+    want = _firings_plain(acts, features, threshold)
+    assert 0 < len(got) < 40
+    assert [w.model_dump(mode="json") for w in got] == [w.model_dump(mode="json") for w in want]
+    assert all(isinstance(w.feature, Feature) for w in got)
+    assert hydra.firings(acts[:, :0], [], threshold) == [] and hydra.firings(acts * 0, features, threshold) == []
+
+
 def test_no_sets_is_one_clear_error(finished_run):
     run, judge = finished_run
     with pytest.raises(RefusalScopeError, match="names no feature set"):
         run_analysis("hydra", HydraSettings(run=run, sets=[]), progress=False, judge=judge)
-
-
-def test_graph_aggregates_edges_and_keeps_the_most_found():
-    edges = pd.DataFrame([
-        {"id": 1, "set": "stage2", "scope": "all", "source": "L3/1", "target": "L5/2", "block_layer": 3, "weight": 1.0},
-        {"id": 2, "set": "stage3", "scope": "all", "source": "L3/1", "target": "L5/2", "block_layer": 3, "weight": 3.0},
-        {"id": 2, "set": "stage3", "scope": "all", "source": "L3/1", "target": "L6/9", "block_layer": 3, "weight": 9.0},
-        {"id": 1, "set": "stage2", "scope": "set", "source": "L3/1", "target": "L6/9", "block_layer": 3, "weight": 2.0},
-    ])
-    g = hydra.build_graph(edges, scope="all")
-    assert set(g.edges) == {("L3/1", "L5/2"), ("L3/1", "L6/9")}
-    e = g.edges["L3/1", "L5/2"]
-    assert (e["n_prompts"], e["n"], e["mean_weight"], e["max_weight"], e["sets"]) == (2, 2, 2.0, 3.0, "stage2,stage3")
-    assert g.edges["L3/1", "L6/9"]["sets"] == "stage3"
-    top = hydra.build_graph(edges, scope="all", max_edges=1)  # the edge found on more prompts wins
-    assert set(top.edges) == {("L3/1", "L5/2")}
-    assert set(hydra.build_graph(edges, scope="all", min_prompts=2).edges) == {("L3/1", "L5/2")}
-    assert set(hydra.build_graph(edges, scope="set").edges) == {("L3/1", "L6/9")}
 
 
 def test_prompts_in_groups_give_the_results_of_one_at_a_time(finished_run, monkeypatch, tmp_path):

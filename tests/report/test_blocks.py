@@ -28,6 +28,22 @@ def test_table_and_pairs():
     assert pairs(None) is None and pairs({}) is None
 
 
+def test_a_table_head_reads_only_its_rows_and_knows_the_whole_count(tmp_path):
+    """A preview of a table too large for memory (hydra's edges): the first rows, the whole count from the file's
+    metadata, the same block as from the whole table."""
+    frame = pd.DataFrame({"a": np.arange(1000), "b": [f"L{i % 7}/{i}" for i in range(1000)]})
+    frame.to_parquet(tmp_path / "t.parquet", row_group_size=100)
+    files = RunFiles(tmp_path)
+    head = files.table("t.parquet", head=5)
+    assert len(head) == 5 and head.attrs["n_total"] == 1000
+    assert table(head, "T", max_rows=5) == table(files.table("t.parquet"), "T", max_rows=5)
+    assert table(head, "T", max_rows=5)["truncated"] and table(head, "T", max_rows=5)["n_total"] == 1000
+    frame.iloc[:0].to_parquet(tmp_path / "empty.parquet")
+    empty = files.table("empty.parquet", head=5)
+    assert list(empty.columns) == ["a", "b"] and empty.attrs["n_total"] == 0 and not table(empty)["truncated"]
+    assert files.table("nope.parquet", head=5) is None and files.problems == []
+
+
 def test_run_files_never_raise(tmp_path):
     files = RunFiles(tmp_path)
     assert files.json("nope.json") is None and files.table("nope.parquet") is None and files.image("n.png") is None

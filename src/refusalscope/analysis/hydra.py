@@ -42,11 +42,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, Field
 
 from refusalscope.analysis.finished_run import explicit
+from refusalscope.analysis.hydra_graph import (EDGE_COLUMNS, EdgeTotals, arrow_edges, edge_frames, empty_edges,
+                                               feature_roles, graph_from_totals, graph_json, named_edges,
+                                               plot_graph)
 from refusalscope.errors import RefusalScopeError
 from refusalscope.interventions import hooks_for
 from refusalscope.interventions.latents import LatentAblation, LatentRecorder, encoder_on, reference_ablate
@@ -153,14 +157,19 @@ def record_with_wakes(lm: LoadedModel, saes: Mapping[int, Sae], prompt: str, set
                 out[start + skip - clean:start + len(chunk) - clean, :, col[Feature(layer, latent)]] = z[skip:, :, j]
         if wake_layers:
             found += [(layer, r + start - clean, i, v) for layer, r, i, v in seen]
-    per_row: list[dict[Feature, torch.Tensor]] = [{} for _ in sets]
-    for layer, r, ids, vals in found:
-        for row, latent, v in zip(r.tolist(), ids.tolist(), vals):
-            per_row[row][Feature(layer, latent)] = v
-    for i, d in enumerate(per_row):
-        if d:
-            fs = sorted(d)
-            wakes[i] = (fs, torch.stack([d[f] for f in fs], dim=-1))
+    if found:  # every (row, layer, latent) once: a row's layer is read in one forward; sorted as Features sort
+        layer_of = torch.cat([torch.full_like(r, layer) for layer, r, _, _ in found])
+        row_of = torch.cat([r for _, r, _, _ in found])
+        latent_of = torch.cat([i for _, _, i, _ in found])
+        vals = torch.cat([v for *_, v in found])  # (N, T)
+        order = torch.from_numpy(np.lexsort((latent_of.numpy(), layer_of.numpy(), row_of.numpy())))
+        row_of, pairs = row_of[order], list(zip(layer_of[order].tolist(), latent_of[order].tolist()))
+        vals = vals[order]
+        ends = torch.bincount(row_of, minlength=len(sets)).cumsum(0).tolist()
+        for i, end in enumerate(ends):
+            begin = ends[i - 1] if i else 0
+            if end > begin:
+                wakes[i] = ([Feature(*x) for x in pairs[begin:end]], vals[begin:end].T.contiguous())
     return Recording(out, wakes)
 
 
@@ -291,14 +300,29 @@ def layer_blocks(active: Sequence[Feature], dormant: Sequence[Feature],
 
 
 def firings(acts: torch.Tensor, features: Sequence[Feature], threshold: float = 0.0) -> list[Firing]:
-    """The features of ``acts`` (T, n) that exceed ``threshold`` somewhere, with those positions."""
+    """The features of ``acts`` (T, n) that exceed ``threshold`` somewhere, with those positions.
+
+    Vectorized: one comparison and one nonzero for all columns (a scope-"all" row holds thousands of woken latents,
+    and a loop of small tensor ops per column was most of hydra's time per prompt); the records are built without
+    revalidation (their fields are already typed). Same records as a loop over the columns (tested)."""
+    if not len(features):
+        return []
+    on = (acts > threshold).T  # (n, T)
+    cols, pos = on.nonzero(as_tuple=True)  # column-major: a column's positions are consecutive and ascending
+    if not cols.numel():
+        return []
+    values = acts.T[cols, pos].tolist()
+    peaks = acts.amax(0).tolist()
+    counts = torch.bincount(cols, minlength=len(features))
+    ends, counts = counts.cumsum(0).tolist(), counts.tolist()
+    pos = pos.tolist()
     out = []
-    for j, f in enumerate(features):
-        col = acts[:, j]
-        pos = torch.nonzero(col > threshold).flatten().tolist()
-        if pos:
-            out.append(Firing(feature=f, max_act=float(col.max()), positions=pos,
-                              activations=[float(col[p]) for p in pos]))
+    for j, n in enumerate(counts):
+        if not n:
+            continue
+        a, b = ends[j] - n, ends[j]
+        out.append(Firing.model_construct(feature=features[j], max_act=peaks[j], positions=pos[a:b],
+                                          activations=values[a:b]))
     return out
 
 
@@ -391,11 +415,15 @@ def computed_scopes(results: Sequence[HydraPrompt]) -> tuple[str, ...]:
 
 
 def tables(results: Sequence[HydraPrompt], shares: str = "activation",
-           scopes: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
-    """dormant, jailbreak, woken, tokens, segments and edges tables of the finished prompts; woken, tokens,
-    segments and edges carry the wake ``scope`` ("set", "all"; default: those the results hold)."""
+           scopes: Sequence[str] | None = None, edges: bool = True) -> dict[str, pd.DataFrame]:
+    """dormant, jailbreak, woken, tokens, segments and (``edges``) edges tables of the finished prompts; woken,
+    tokens, segments and edges carry the wake ``scope`` ("set", "all"; default: those the results hold).
+
+    The edges table of a large run does not fit in memory (scope "all": every ablated feature of a layer-block x
+    every latent it wakes, ~340,000 rows per prompt on the default model); ``write_outputs`` streams it instead
+    (``edge_frames``), and the graphs aggregate it as it goes."""
     scopes = tuple(scopes or computed_scopes(results))
-    dormant, jail, woken, tokens, edges = [], [], [], [], []
+    dormant, jail, woken, tokens = [], [], [], []
     for r in results:
         for s in r.sets:
             clean = dict(zip(s.features, s.clean))
@@ -423,11 +451,6 @@ def tables(results: Sequence[HydraPrompt], shares: str = "activation",
                     tokens += [{"id": r.id, "set": s.name, "scope": scope, "feature": str(w.feature), "position": p,
                                 "token": r.tokens[p], "segment": r.segments[p], "activation": a}
                                for p, a in zip(w.positions, w.activations)]
-                for b in blocks:
-                    for w in b.woken:
-                        edges += [{"id": r.id, "set": s.name, "scope": scope, "source": str(a),
-                                   "target": str(w.feature), "block_layer": b.layer, "weight": w.max_act}
-                                  for a in b.ablated]
     cols = {
         "dormant": ["id", "set", "feature", "layer", "latent", "clean_act", "woken"],
         "jailbreak": ["id", "set", "size", "n_dormant", "n_active", "jailbroken_full", "jailbroken_without_dormant",
@@ -435,12 +458,13 @@ def tables(results: Sequence[HydraPrompt], shares: str = "activation",
         "woken": ["id", "set", "scope", "feature", "layer", "latent", "max_act", "n_positions", "top_token",
                   "top_position", *(f"share_{g}" for g in SEGMENTS)],
         "tokens": ["id", "set", "scope", "feature", "position", "token", "segment", "activation"],
-        "edges": ["id", "set", "scope", "source", "target", "block_layer", "weight"],
     }
     out = {name: pd.DataFrame(rows, columns=cols[name])
-           for name, rows in (("dormant", dormant), ("jailbreak", jail), ("woken", woken), ("tokens", tokens),
-                              ("edges", edges))}
+           for name, rows in (("dormant", dormant), ("jailbreak", jail), ("woken", woken), ("tokens", tokens))}
     out["segments"] = segment_shares(out["tokens"], shares, scopes)
+    if edges:
+        out["edges"] = pd.concat([named_edges(f) for f in edge_frames(results, scopes)] or [empty_edges()],
+                                 ignore_index=True)
     return out
 
 
@@ -464,122 +488,6 @@ def segment_shares(tokens: pd.DataFrame, shares: str = "activation",
                 rows.append({"scope": scope, "set": name, "segment": g, "n_positions": len(sel), "activation": mass,
                              "share": amount / total if total else 0.0})
     return pd.DataFrame(rows, columns=["scope", "set", "segment", "n_positions", "activation", "share"])
-
-
-# ---- graph --------------------------------------------------------------------------------------------------------
-
-def build_graph(edges: pd.DataFrame, *, scope: str = "set", min_prompts: int = 1,
-                roles: Mapping[str, Mapping] | None = None, max_edges: int | None = None):
-    """The directed graph of which layer-block ablation wakes which feature (networkx ``DiGraph``), for one wake
-    ``scope`` (edges without a ``scope`` column count as "set").
-
-    Edge A → B aggregated over prompts and sets: ``n_prompts`` (distinct prompts), ``n`` (prompt × set
-    findings), ``mean_weight``/``max_weight`` (B's max activation under the ablation of A's layer-block), ``sets``.
-    ``max_edges`` keeps the edges found on the most prompts (then by mean weight): scope "all" finds millions.
-    Nodes carry ``layer``, ``latent``, ``groups`` (stage2/stage3), ``role`` (dormant, active or both over the prompts;
-    "outside" for a latent of no examined set, scope "all") and counts ``n_dormant``/``n_active``.
-    """
-    import networkx as nx
-
-    g = nx.DiGraph(scope=scope)
-    if "scope" in edges.columns:
-        edges = edges[edges["scope"] == scope]
-    if len(edges):
-        keys = ["source", "target"]
-        agg = edges.groupby(keys).agg(n_prompts=("id", "nunique"), n=("id", "size"),
-                                      mean_weight=("weight", "mean"), max_weight=("weight", "max"))
-        names = sorted(set(edges["set"]))  # vectorised: a Python lambda per group is too slow for millions
-        found = pd.DataFrame({n: edges["set"].eq(n) for n in names}).groupby([edges[k] for k in keys]).any()
-        agg["sets"] = found.apply(lambda col: col.map({True: col.name + ",", False: ""})).sum(axis=1).str.rstrip(",")
-        agg = agg[agg.n_prompts >= min_prompts]
-        if max_edges is not None and len(agg) > max_edges:
-            agg = agg.sort_values(["n_prompts", "mean_weight"], ascending=False).head(max_edges)
-        g.add_edges_from((a, b, {"n_prompts": int(n_p), "n": int(n), "mean_weight": float(mw),
-                                 "max_weight": float(xw), "sets": st})
-                         for (a, b), n_p, n, mw, xw, st in zip(agg.index, agg.n_prompts, agg.n, agg.mean_weight,
-                                                               agg.max_weight, agg.sets))
-    roles = roles or {}
-    for node in g.nodes:
-        f = Feature.parse(node)
-        info = roles.get(node, {})
-        n_d, n_a = int(info.get("dormant", 0)), int(info.get("active", 0))
-        role = "both" if n_d and n_a else ("dormant" if n_d else ("active" if n_a else "outside"))
-        g.nodes[node].update(layer=f.layer, latent=f.latent, role=role, n_dormant=n_d, n_active=n_a,
-                             groups=",".join(sorted(info.get("groups", ()))))
-    return g
-
-
-def feature_roles(results: Sequence[HydraPrompt]) -> dict[str, dict]:
-    """Per feature: on how many prompt sets it was dormant / active, and in which set groups it appears."""
-    out: dict[str, dict] = {}
-    for r in results:
-        for s in r.sets:
-            for kind, fs in (("dormant", s.dormant), ("active", s.active)):
-                for f in fs:
-                    info = out.setdefault(str(f), {"dormant": 0, "active": 0, "groups": set()})
-                    info[kind] += 1
-                    info["groups"].add(s.name)
-    return out
-
-
-def graph_json(g) -> dict:
-    import networkx as nx
-
-    return nx.node_link_data(g, edges="edges")
-
-
-COLOURS = {"dormant": "tab:red", "active": "tab:blue", "both": "tab:purple", "outside": "tab:green"}
-TITLES = {"set": "scope set: the sets' dormant features", "all": "scope all: any latent off on the clean prompt"}
-
-
-def _draw(ax, g, max_edges: int, title: str) -> None:
-    import networkx as nx
-
-    ax.set_axis_off()
-    if g.number_of_edges() == 0:
-        ax.text(0.5, 0.5, "no layer-block ablation woke a feature", ha="center", va="center")
-        ax.set_title(title, fontsize=9)
-        return
-    kept = sorted(g.edges(data=True), key=lambda e: (-e[2]["n_prompts"], -e[2]["mean_weight"]))[:max_edges]
-    h = nx.DiGraph()
-    h.add_nodes_from((n, g.nodes[n]) for n in sorted({n for e in kept for n in e[:2]}, key=Feature.parse))
-    h.add_edges_from(kept)
-    pos = nx.multipartite_layout(h, subset_key="layer")
-    nx.draw_networkx_nodes(h, pos, ax=ax, node_size=120, node_color=[COLOURS[h.nodes[n]["role"]] for n in h.nodes])
-    top = max(d["n_prompts"] for *_, d in kept)
-    nx.draw_networkx_edges(h, pos, ax=ax, width=[0.5 + 2.5 * d["n_prompts"] / top for *_, d in kept],
-                           arrows=True, arrowsize=8, edge_color="grey", connectionstyle="arc3,rad=0.1")
-    if h.number_of_nodes() <= 60:
-        nx.draw_networkx_labels(h, {n: (x, y + 0.05) for n, (x, y) in pos.items()}, ax=ax, font_size=6)
-    for layer in sorted({h.nodes[n]["layer"] for n in h.nodes}):
-        xs = [pos[n][0] for n in h.nodes if h.nodes[n]["layer"] == layer]
-        ax.text(sum(xs) / len(xs), -0.02, str(layer), transform=ax.get_xaxis_transform(), ha="center",
-                va="top", fontsize=8)
-    ax.text(0.5, -0.08, "SAE layer", transform=ax.transAxes, ha="center", va="top", fontsize=8)
-    shown = "" if len(kept) == g.number_of_edges() else f"; top {len(kept)} of {g.number_of_edges()} edges"
-    ax.set_title(f"{title}\nA → B: ablating A's layer-block wakes B (width ∝ prompts{shown})", fontsize=9)
-
-
-def plot_graph(graphs, max_edges: int = 200):
-    """The graph(s) layered by SAE layer (x), one panel per scope (``graphs``: a DiGraph or scope → DiGraph):
-    dormant features red, active blue, both purple, latents of no examined set green; edge width ∝ prompts; at
-    most ``max_edges`` edges drawn per panel (most prompts first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    graphs = graphs if isinstance(graphs, dict) else {graphs.graph.get("scope", "set"): graphs}
-    fig, axes = plt.subplots(1, len(graphs), figsize=(9 * len(graphs), 6), squeeze=False)
-    for ax, (scope, g) in zip(axes[0], graphs.items()):
-        _draw(ax, g, max_edges, TITLES.get(scope, scope))
-    roles = {d["role"] for g in graphs.values() for _, d in g.nodes(data=True)}
-    for role, colour in COLOURS.items():
-        if role in roles or role != "outside":
-            axes[0][-1].scatter([], [], color=colour, label=role)
-    axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="role",
-                       title_fontsize=8)
-    return fig
 
 
 # ---- the analysis -------------------------------------------------------------------------------------------------
@@ -662,16 +570,27 @@ def _read(store, name: str) -> HydraPrompt | None:
 
 def write_outputs(store, results: Sequence[HydraPrompt], settings, reused: int = 0) -> dict:
     scopes = ("set", "all") if settings.wake_scope == "all" else ("set",)
-    frames = tables(results, settings.shares, scopes)
+    frames = tables(results, settings.shares, scopes, edges=False)
     for name, frame in frames.items():
         store.write_table(f"{OUT}/{name}.parquet", frame)
+    # the edges: one prompt at a time, into edges.parquet and each scope's totals (the whole table can be tens of GB)
+    names = sorted({s.name for r in results for s in r.sets})
+    totals = {scope: EdgeTotals(names) for scope in SCOPES}
+
+    def stream():
+        for frame in edge_frames(results, scopes):
+            for scope, part in frame.groupby("scope", sort=False, observed=True):
+                totals[scope].add(part)
+            yield arrow_edges(frame)
+
+    store.write_table_parts(f"{OUT}/edges.parquet", stream(), EDGE_COLUMNS)
     roles = feature_roles(results)
     import networkx as nx
 
     graphs = {}
     for scope in SCOPES:  # both files always, so no stale "all" graph outlives a rerun with wake_scope "set"
-        g = build_graph(frames["edges"], scope=scope, min_prompts=settings.min_edge_prompts, roles=roles,
-                        max_edges=settings.graph_max_edges if scope == "all" else None)
+        g = graph_from_totals(totals[scope], scope=scope, min_prompts=settings.min_edge_prompts, roles=roles,
+                              max_edges=settings.graph_max_edges if scope == "all" else None)
         g.graph["computed"] = scope in scopes
         tmp = store.path(f"{OUT}/.{GRAPH_FILES[scope]}.graphml.tmp")  # written whole, then renamed (as RunStore)
         nx.write_graphml(g, str(tmp))

@@ -56,12 +56,23 @@ class RunFiles:
             self.problems.append(f"{name} could not be read ({type(e).__name__}: {e})")
             return None
 
-    def table(self, name: str) -> pd.DataFrame | None:
+    def table(self, name: str, head: int | None = None) -> pd.DataFrame | None:
+        """The table, or (``head``) its first rows only, with the whole table's row count in
+        ``frame.attrs["n_total"]`` (a preview of a table that would not fit in memory: hydra's edges)."""
         p = self.path(name)
         if not p.is_file():
             return None
         try:
-            return pd.read_parquet(p)
+            if head is None:
+                return pd.read_parquet(p)
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            f = pq.ParquetFile(p)
+            first = next(f.iter_batches(batch_size=max(head, 1)), None)
+            frame = (pa.Table.from_batches([first]) if first is not None else f.schema_arrow.empty_table()).to_pandas()
+            frame.attrs["n_total"] = f.metadata.num_rows
+            return frame.head(head)
         except Exception as e:
             self.problems.append(f"{name} could not be read ({type(e).__name__}: {e})")
             return None
@@ -110,8 +121,9 @@ def table(frame: pd.DataFrame | None, title: str = "", *, columns: Sequence[str]
     cols = [c for c in columns if c in frame.columns] if columns else [str(c) for c in frame.columns]
     view = frame[cols] if columns else frame
     rows = [[cell(v) for v in row] for row in view.head(max_rows).itertuples(index=False)]
-    return {"kind": "table", "title": title, "columns": cols, "rows": rows, "n_total": len(frame),
-            "truncated": len(frame) > max_rows, "note": note}
+    n_total = frame.attrs.get("n_total", len(frame))  # a head read by ``RunFiles.table`` knows the whole count
+    return {"kind": "table", "title": title, "columns": cols, "rows": rows, "n_total": n_total,
+            "truncated": n_total > max_rows, "note": note}
 
 
 def flatten(data: Mapping, prefix: str = "", skip: Iterable[str] = ()) -> list[tuple[str, str]]:

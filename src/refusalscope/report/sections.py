@@ -187,7 +187,8 @@ def analysis_section(files: RunFiles, opts, name: str, title: str, paper: str,
         judge_line,
         pairs(summary, "Summary (summary.json)", skip=("options", "analysis")),
         *(image(files.image(f"{base}/{f}"), caption, f) for f, caption in images),
-        *(table(files.table(f"{base}/{f}"), f"{caption} ({f})", max_rows=opts.max_rows) for f, caption in tables),
+        *(table(files.table(f"{base}/{f}", head=opts.max_rows), f"{caption} ({f})", max_rows=opts.max_rows)
+          for f, caption in tables),
         *(extra(files, summary, opts) if extra else []),
         pairs(options, "Options", collapsed=True)])
     return s
