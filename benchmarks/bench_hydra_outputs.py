@@ -6,9 +6,9 @@
 Reads the finished prompts of ``RUN/analyses/hydra/prompts`` (run ``refusalscope analyze hydra --run RUN`` first),
 repeats them ``--copies`` times under new prompt ids (as a run with that many more prompts would hold, every
 prompt's findings alike; with ``--distinct`` every copy's latents shifted, so no edge repeats), and times
-``hydra.write_outputs`` into a temporary run directory with the run's analysis settings (default wake scope "all":
-every layer-block x every woken latent is an edge). Prints seconds, the process's peak RSS, the edge count and
-file sizes; one JSON object last (also written to ``--json``)."""
+``hydra.write_outputs`` into a temporary run directory with the default analysis settings (wake scope "all":
+every layer-block x every woken latent is an edge; graph_all keeps 5,000 edges). Prints seconds, the process's
+peak RSS, the edge count and file sizes; one JSON object last (also written to ``--json``)."""
 
 from __future__ import annotations
 

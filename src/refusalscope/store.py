@@ -127,10 +127,14 @@ class RunStore:
 
         def write(tmp):
             with pq.ParquetWriter(tmp, schema) as writer:
+                written = False
                 for part in parts:
                     if isinstance(part, pd.DataFrame):
                         part = pa.Table.from_pandas(part[list(columns)], schema=schema, preserve_index=False)
                     writer.write_table(part.select(list(columns)).cast(schema))
+                    written = True
+                if not written:  # one empty row group: readers of older pyarrow fail on a file with none
+                    writer.write_table(schema.empty_table())
 
         return _atomic(self.path(name), write)
 

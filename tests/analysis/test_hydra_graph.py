@@ -4,11 +4,13 @@ tables."""
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from refusalscope.analysis import hydra, hydra_graph
 from refusalscope.config import HydraSettings
 from refusalscope.errors import RefusalScopeError
+from refusalscope.report.blocks import RunFiles
 from refusalscope.saes.features import Feature
 from refusalscope.store import RunStore
 
@@ -116,6 +118,18 @@ def test_graph_aggregates_edges_and_keeps_the_most_found():
     assert set(hydra_graph.build_graph(edges, scope="all", min_prompts=2).edges) == {("L3/1", "L5/2")}
     assert set(hydra_graph.build_graph(edges, scope="set").edges) == {("L3/1", "L6/9")}
     assert hydra_graph.build_graph(edges.iloc[:0], scope="all").number_of_edges() == 0
+    assert hydra_graph.EdgeTotals(["stage2", "stage3"]).frame(max_edges=0).empty
+
+
+def test_graph_of_a_streamed_table_whose_sets_are_in_other_scopes():
+    """An ``edge_frames`` table passed whole: its categorical set column names every set, some only in the scope
+    not drawn."""
+    rng = np.random.default_rng(2)
+    prompt = _prompt(3, rng)
+    prompt.sets[0].blocks = []  # stage2 finds nothing in scope "set"
+    frame = next(hydra_graph.edge_frames([prompt], ("set", "all")))
+    g = hydra_graph.build_graph(frame, scope="set")
+    assert g.number_of_edges() and {d["sets"] for *_, d in g.edges(data=True)} == {"stage3"}
 
 
 def test_write_outputs_streams_the_tables_it_would_build_in_memory(tmp_path):
@@ -137,6 +151,10 @@ def test_write_outputs_streams_the_tables_it_would_build_in_memory(tmp_path):
     assert none["graph"]["edges"] == 0
     assert list(RunStore(tmp_path / "empty").read_table("analyses/hydra/edges.parquet").columns) == \
         list(hydra_graph.EDGE_COLUMNS)
+    files = RunFiles(tmp_path / "empty")  # the report's preview of a table without rows
+    head = files.table("analyses/hydra/edges.parquet", head=20)
+    assert head is not None and head.empty and head.attrs["n_total"] == 0 and files.problems == []
+    assert pq.ParquetFile(tmp_path / "empty/analyses/hydra/edges.parquet").metadata.num_row_groups == 1
 
 
 @pytest.mark.parametrize("k", [1, 7, 40, 199])

@@ -190,7 +190,8 @@ class EdgeTotals:
         t = self._parts[0]
         keep = np.flatnonzero(t["n_prompts"] >= min_prompts)
         if max_edges is not None and len(keep) > max_edges:
-            keep = self._top(keep, t["n_prompts"][keep], t["sum"][keep] / t["n"][keep], max_edges)
+            keep = self._top(keep, t["n_prompts"][keep], t["sum"][keep] / t["n"][keep], max_edges) if max_edges \
+                else keep[:0]
         n, total = t["n"][keep], t["sum"][keep]
         labels = np.array([",".join(x for i, x in enumerate(self.names) if b >> i & 1) for b in range(256)],
                           dtype=object)
@@ -223,6 +224,8 @@ def build_graph(edges: pd.DataFrame, *, scope: str = "set", min_prompts: int = 1
         edges = edges[edges["scope"] == scope]
     if len(edges) and not pd.api.types.is_integer_dtype(edges["source"]):
         edges = edges.assign(**{k: feature_codes(features_of(edges[k])) for k in ("source", "target")})
+    if isinstance(edges["set"].dtype, pd.CategoricalDtype):  # sets found only in the other scope: not named here
+        edges = edges.assign(set=edges["set"].cat.remove_unused_categories())
     totals = EdgeTotals(sorted(set(edges["set"])))
     totals.add(edges)
     return graph_from_totals(totals, scope=scope, min_prompts=min_prompts, roles=roles, max_edges=max_edges)

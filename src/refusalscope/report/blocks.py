@@ -69,7 +69,7 @@ class RunFiles:
             import pyarrow.parquet as pq
 
             f = pq.ParquetFile(p)
-            first = next(f.iter_batches(batch_size=max(head, 1)), None)
+            first = next(f.iter_batches(batch_size=max(head, 1)), None) if f.metadata.num_row_groups else None
             frame = (pa.Table.from_batches([first]) if first is not None else f.schema_arrow.empty_table()).to_pandas()
             frame.attrs["n_total"] = f.metadata.num_rows
             return frame.head(head)
