@@ -431,7 +431,7 @@ def main(argv=None) -> dict:
     times = {s: [] for s in STAGES}
     peaks = {s: 0.0 for s in STAGES}
     detail = {"stage1_k_tried": [], "stage2_sets_scored": [], "stage2_steps_skipped": [], "stage2_layer_rows": [],
-              "stage3_rows": [], "hydra_dormant": [], "obrien_sets": []}
+              "stage3_rows": [], "hydra_dormant": [], "hydra_wakes": [], "obrien_sets": []}
     chosen_sets, stage2_chains, stage3_sets, randoms = {}, {}, {}, {}
     G = args.prompt_batch
     for g0 in range(0, len(prompts), G):
@@ -478,6 +478,9 @@ def main(argv=None) -> dict:
                                             settings={}, wake_scope="all", record_batch_size=args.batch_size)
                                  for i, p in group]):
             detail["hydra_dormant"].append(sum(len(x.dormant) for x in r.sets))
+            # records its scope-"all" wakes built (each a Python object: the per-prompt cost grows with them)
+            detail["hydra_wakes"].append(sum(len(x.woken_all) + sum(len(b.woken) for b in x.blocks_all)
+                                             for x in r.sets))
         for r in timed("obrien", [obrien.prompt_flow(ctx, i, p, chosen_sets[p], randoms[p], obrien_k,
                                                      sorted(stage_saes)) for i, p in group]):
             detail["obrien_sets"].append([x["n_features"] for x in r["obrien"]])

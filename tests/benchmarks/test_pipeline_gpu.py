@@ -54,7 +54,7 @@ def test_pipeline_benchmark_runs_every_stage_at_toy_size(tmp_path, monkeypatch, 
     assert out["prompt_batch"] == 2 and out["generation_batch"] == 2 * toy["batch_size"]
     assert out["reference"]["stage2"]["same_sets"] == "1 of 1"  # fp32: the fast path keeps the reference's sets
     # the analyses: the Stage-2 set's dormant features found by hydra, the O'Brien sets shrinking with k
-    assert d["hydra_dormant"] == [toy["dormant"]] * 2
+    assert d["hydra_dormant"] == [toy["dormant"]] * 2 and len(d["hydra_wakes"]) == 2 and min(d["hydra_wakes"]) > 0
     assert all(len(x) == 8 and x == sorted(x, reverse=True) and x[0] > 0 for x in d["obrien_sets"])
     # once per run: the FM on fm_prompts of each side (80/10/10 of both), trained; the CE texts of both corpora
     fm, ce = out["fm_per_run"], out["ce_texts_per_run"]
