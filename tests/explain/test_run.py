@@ -14,6 +14,7 @@ from refusalscope.analysis.finished_run import FinishedRun
 from refusalscope.analysis.registry import run_analysis
 from refusalscope.config import ExplainSettings
 from refusalscope.errors import RefusalScopeError
+from refusalscope.explain import semantics
 from refusalscope.explain.run import summary_lines
 
 NP_KEY, LLM_KEY = "np-key-planted-0c0ffee", "llm-key-planted-beef42"
@@ -56,7 +57,9 @@ def test_every_feature_gets_a_fallback_record_with_local_contexts(finished_run, 
     assert list(themes.columns) == ["theme", "n_features", "share", "n_primary", "examples"]
     assert themes["n_primary"].sum() == len(feats)
     assert len(pd.read_parquet(run / "analyses/explain/feature_themes.parquet")) == len(feats)
-    assert json.loads((run / "analyses/explain/summary.json").read_text())["n_features"] == len(feats)
+    stored = (run / "analyses/explain/summary.json").read_text()
+    assert json.loads(stored)["n_features"] == len(feats)
+    assert json.loads(stored)["themes_file"].startswith("packaged") and str(semantics.DEFAULT_THEMES) not in stored
     lines = summary_lines(s)
     assert lines[0].startswith(f"{len(feats)} features explained") and any("one pass over 20" in x for x in lines)
 

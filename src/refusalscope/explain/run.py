@@ -291,7 +291,8 @@ def run(finished: FinishedRun, settings: ExplainSettings, progress: bool) -> dic
         "llm": llm_info,
         "top_terms": terms.head(10).to_dict("records"),
         "themes": {row.theme: int(row.n_features) for row in theme_table.itertuples()},
-        "themes_file": str(settings.themes or semantics.DEFAULT_THEMES),
+        # the packaged file by name, not by where this machine installed it (a run directory names no such path)
+        "themes_file": str(settings.themes) if settings.themes else "packaged: refusalscope/explain/themes.toml",
     }
 
 
