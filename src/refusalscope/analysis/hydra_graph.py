@@ -156,7 +156,8 @@ class EdgeTotals:
         per_prompt = {"key": key[starts], "n_prompts": np.ones(len(starts), dtype=np.int32),
                       "n": np.diff(np.r_[starts, len(key)]).astype(np.int32), "sum": np.add.reduceat(w, starts),
                       "max": np.maximum.reduceat(w, starts), "bits": np.bitwise_or.reduceat(bits, starts)}
-        self._parts.append(self._reduce([per_prompt]))
+        k = per_prompt["key"]  # sorted; equal keys only where one edge has several prompts in this table
+        self._parts.append(per_prompt if (k[1:] != k[:-1]).all() else self._reduce([per_prompt]))
         self._rows += len(self._parts[-1]["key"])
         if self._rows > self.flush_rows:
             self._parts = [self._reduce(self._parts)]
