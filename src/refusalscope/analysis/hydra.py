@@ -29,7 +29,7 @@ active features anywhere downstream. Both are read in the same batched forward (
 clean activations); for "all" only the latents that switch on are kept (sparse), and only at layers above the
 lowest ablated layer of their row (below it the stream is unchanged). The ``woken``, ``tokens``, ``segments`` and
 ``edges`` tables carry a ``scope`` column; ``graph.*`` is the "set" graph, ``graph_all.*`` the "all" graph, and
-``graph.png`` draws one panel per scope.
+``graph.png`` draws one panel per scope (the edges table, its streaming and the graphs: ``analysis.hydra_graph``).
 
 Segment shares (our choice, ``shares`` option): a woken feature's activation mass per segment over the positions it
 fires on ("activation"), or its number of firing positions per segment ("count"). SAEs with ``Sae.max_norm`` set
@@ -420,7 +420,7 @@ def tables(results: Sequence[HydraPrompt], shares: str = "activation",
     tokens, segments and edges carry the wake ``scope`` ("set", "all"; default: those the results hold).
 
     The edges table of a large run does not fit in memory (scope "all": every ablated feature of a layer-block x
-    every latent it wakes, ~340,000 rows per prompt on the default model); ``write_outputs`` streams it instead
+    every latent it wakes, 340,000 rows per prompt on average on the default model); ``write_outputs`` streams it
     (``edge_frames``), and the graphs aggregate it as it goes."""
     scopes = tuple(scopes or computed_scopes(results))
     dormant, jail, woken, tokens = [], [], [], []

@@ -1,8 +1,8 @@
 """Hydra's graph of which ablation wakes which feature (paper, Fig. 2): the edges table and its aggregation.
 
 An edge A → B is one finding of ``analysis.hydra``: ablating A's layer-block alone woke B on a prompt (weight: B's
-max activation). Scope "all" finds every ablated feature of a block × every latent it wakes (~340,000 rows per
-prompt on the default model, tens of GB over AdvBench), so the table is built a prompt at a time
+max activation). Scope "all" finds every ablated feature of a block × every latent it wakes (340,000 rows per
+prompt on average on the default model, tens of GB in memory over AdvBench), so the table is built a prompt at a time
 (``edge_frames``), streamed to ``edges.parquet`` and summed into ``EdgeTotals`` (memory ∝ distinct edges); the
 graphs are drawn from the totals (``graph_from_totals``), and only the kept edges become networkx objects.
 """
