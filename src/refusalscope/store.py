@@ -117,9 +117,8 @@ class RunStore:
         return _atomic(self.path(name), lambda tmp: frame.to_parquet(tmp, index=False))
 
     def write_table_parts(self, name: str, parts, columns: dict[str, str]) -> Path:
-        """One Parquet table from an iterable of pyarrow tables (or DataFrames), one row group each, never all in
-        memory (a table too large to build whole); ``columns``: name → pyarrow type name, the schema also when
-        there are no parts."""
+        """One Parquet table from an iterable of pyarrow tables, one row group each, never all in memory (a table
+        too large to build whole); ``columns``: name → pyarrow type name, the schema also when there are no parts."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -129,8 +128,6 @@ class RunStore:
             with pq.ParquetWriter(tmp, schema) as writer:
                 written = False
                 for part in parts:
-                    if isinstance(part, pd.DataFrame):
-                        part = pa.Table.from_pandas(part[list(columns)], schema=schema, preserve_index=False)
                     writer.write_table(part.select(list(columns)).cast(schema))
                     written = True
                 if not written:  # one empty row group: readers of older pyarrow fail on a file with none

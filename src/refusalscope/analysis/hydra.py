@@ -305,8 +305,6 @@ def firings(acts: torch.Tensor, features: Sequence[Feature], threshold: float = 
     Vectorized: one comparison and one nonzero for all columns (a scope-"all" row holds thousands of woken latents,
     and a loop of small tensor ops per column was most of hydra's time per prompt); the records are built without
     revalidation (their fields are already typed). Same records as a loop over the columns (tested)."""
-    if not len(features):
-        return []
     on = (acts > threshold).T  # (n, T)
     cols, pos = on.nonzero(as_tuple=True)  # column-major: a column's positions are consecutive and ascending
     if not cols.numel():

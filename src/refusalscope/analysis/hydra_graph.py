@@ -125,6 +125,7 @@ class EdgeTotals:
     _MAX_LAYER = 1 << (31 - _LATENT_BITS)  # a (source, target) key: two 31-bit feature codes in one int64
     FIELDS = ("key", "n_prompts", "n", "sum", "max", "bits")
 
+    # flush_rows, our choice: merge the per-prompt parts once they hold 4M edges (memory vs. re-sorting; same totals)
     def __init__(self, set_names: Sequence[str], flush_rows: int = 4_000_000):
         self.names = list(set_names)
         if len(self.names) > 8:
@@ -142,14 +143,9 @@ class EdgeTotals:
             raise RefusalScopeError(f"hydra's edge totals support layers below {self._MAX_LAYER}")
         key = (src << 31) | tgt
         ids = edges["id"].to_numpy(dtype=np.int64)
-        sets = edges["set"]
-        if isinstance(sets.dtype, pd.CategoricalDtype):  # edge_frames' tables: a bit per category, then per row
-            bits = np.array([1 << self.names.index(c) for c in sets.cat.categories] or [0],
-                            dtype=np.uint8)[sets.cat.codes.to_numpy()]
-        else:
-            bits = np.zeros(len(edges), dtype=np.uint8)
-            for i, name in enumerate(self.names):
-                bits[sets.to_numpy() == name] |= np.uint8(1 << i)
+        # a bit per set name present, then per row (edge_frames' columns are categorical already)
+        sets = edges["set"].astype("category").cat.remove_unused_categories()
+        bits = np.array([1 << self.names.index(c) for c in sets.cat.categories], dtype=np.uint8)[sets.cat.codes]
         order = np.lexsort((ids, key))  # by edge, then prompt; stable, so sums run in row order
         key, ids, w, bits = key[order], ids[order], edges["weight"].to_numpy(dtype=np.float64)[order], bits[order]
         starts = np.flatnonzero(np.r_[True, (key[1:] != key[:-1]) | (ids[1:] != ids[:-1])])
@@ -209,6 +205,7 @@ class EdgeTotals:
         need = k - len(above)
         m = np.partition(mean[tied], len(tied) - need)[len(tied) - need]  # the need-th highest mean among the tied
         over, at = tied[mean[tied] > m], tied[mean[tied] == m]
+        # our choice: ties at the cut go to the first in feature order (deterministic; the paper draws no graph)
         chosen = np.concatenate([above, over, at[:need - len(over)]])  # ``at`` is in feature order
         chosen = chosen[np.lexsort((chosen, -mean[chosen], -n_prompts[chosen]))]
         return rows[chosen]
@@ -225,8 +222,6 @@ def build_graph(edges: pd.DataFrame, *, scope: str = "set", min_prompts: int = 1
         edges = edges[edges["scope"] == scope]
     if len(edges) and not pd.api.types.is_integer_dtype(edges["source"]):
         edges = edges.assign(**{k: feature_codes(features_of(edges[k])) for k in ("source", "target")})
-    if isinstance(edges["set"].dtype, pd.CategoricalDtype):  # sets found only in the other scope: not named here
-        edges = edges.assign(set=edges["set"].cat.remove_unused_categories())
     totals = EdgeTotals(sorted(set(edges["set"])))
     totals.add(edges)
     return graph_from_totals(totals, scope=scope, min_prompts=min_prompts, roles=roles, max_edges=max_edges)
