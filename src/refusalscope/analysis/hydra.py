@@ -552,7 +552,7 @@ def run(finished, settings, progress: bool = True) -> dict:
                                 record_batch_size=per_prompt_batch) for rec, sets, key in part]
             for (rec, _, _), res in zip(part, ctx.lockstep(flows)):
                 # our choice: compact JSON straight from pydantic (a prompt holds tens of thousands of firings;
-                # indented dicts took 0.2 s per prompt on the default model and twice the disk)
+                # indented dicts took 0.2 s per prompt on the default model and three times the disk)
                 store.write_text(HydraPrompt.file_name(rec.id), res.model_dump_json())
                 done[rec.id] = res
             bar.update(len(part))
