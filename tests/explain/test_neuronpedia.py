@@ -216,6 +216,11 @@ def test_registry_sets_map_to_neuronpedia_sources():
     assert sources_for_run({"spec": "llamascope-res-128k"}, [3]) == {3: "llama3.1-8b/3-llamascope-res-131k"}
     assert sources_for_run({"spec": "/runs/x/saes"}, [3]) == {}  # our own SAEs: Neuronpedia has none
     assert sources_for_run({"spec": "/runs/x/saes"}, [3, 4], "qwen/{layer}-res") == {3: "qwen/3-res", 4: "qwen/4-res"}
+    # a saelens:RELEASE:ID set: the ids recorded from the SAEs' SAELens metadata (saes.json "neuronpedia")
+    recorded = {"spec": "saelens:rel:l{layer}", "neuronpedia": {"3": "m/3-src", "4": "m/4-src"}}
+    assert sources_for_run(recorded, [3, 4]) == {3: "m/3-src", 4: "m/4-src"}
+    assert sources_for_run(recorded, [3, 5]) == {}  # a layer it does not name: none rather than a partial map
+    assert sources_for_run(recorded, [3], "qwen/{layer}-res") == {3: "qwen/3-res"}  # the flag wins
     with pytest.raises(Exception, match="must contain"):
         sources_for_run({}, [3], "qwen/res")
     assert split_id("gemma-2-2b/20-gemmascope-res-16k") == ("gemma-2-2b", "20-gemmascope-res-16k")

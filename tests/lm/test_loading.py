@@ -6,7 +6,8 @@ import torch
 
 from refusalscope.lm import embedded
 from refusalscope.errors import RefusalScopeError
-from refusalscope.lm.loading import ensure_embedded, load_model, resolve_device, resolve_dtype
+from refusalscope.lm import loading
+from refusalscope.lm.loading import attention_kwargs, ensure_embedded, load_model, resolve_device, resolve_dtype
 from refusalscope.lm.registry import DEFAULT_MODEL, MODELS, EmbeddedWeights, ModelEntry, lookup
 
 
@@ -45,6 +46,49 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(RefusalScopeError, match="not in the local Hugging Face cache"):
         load_model("someone/not-a-cached-model")
+
+
+def _snapshot(root, files):
+    root.mkdir(parents=True)
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def test_a_partly_cached_hub_model_is_completed_from_the_hub_or_named_offline(monkeypatch, tmp_path):
+    """A snapshot holding a config but not every weight shard is not loaded as if complete (issue 13's review)."""
+    import json
+
+    import huggingface_hub
+
+    index = json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}})
+    partial = _snapshot(tmp_path / "partial", {"config.json": "{}", "model.safetensors.index.json": index,
+                                               "model-1.safetensors": ""})
+    complete = _snapshot(tmp_path / "complete", {"config.json": "{}", "model.safetensors.index.json": index,
+                                                 "model-1.safetensors": "", "model-2.safetensors": ""})
+    assert not loading._has_weights(partial) and loading._has_weights(complete)
+    assert not loading._has_weights(_snapshot(tmp_path / "config-only", {"config.json": "{}"}))
+    assert loading._has_weights(_snapshot(tmp_path / "single", {"config.json": "{}", "model.safetensors": ""}))
+    calls = []
+
+    def fake_download(hub_id, local_files_only=False, allow_patterns=None):
+        calls.append(local_files_only)
+        return str(partial if local_files_only else complete)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert loading._resolve_hub("org/model") == str(complete) and calls == [True, False]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RefusalScopeError, match="only in part"):
+        loading._resolve_hub("org/model")
+
+
+def test_soft_capping_models_load_with_eager_attention(tiny_dirs):
+    from transformers import AutoConfig
+
+    assert attention_kwargs(AutoConfig.from_pretrained(tiny_dirs["gemma2"])) == {"attn_implementation": "eager"}
+    assert attention_kwargs(AutoConfig.from_pretrained(tiny_dirs["qwen2"])) == {}
+    assert load_model(str(tiny_dirs["gemma2"]), device="cpu").model.config._attn_implementation == "eager"
 
 
 def test_missing_gguf_file(tmp_path):

@@ -207,3 +207,16 @@ def test_compile_scoring_reaches_the_stage_scorers(tmp_path, tiny_lm):
                                   base.model_copy(update={"compile_scoring": setting}), RunStore(tmp_path / "run"))
         assert ctx.compile_scoring == setting
         assert ctx.scorer("Hi there", [(3, 1), (3, 2)]).compile == setting
+
+
+def test_a_loaded_set_records_the_neuronpedia_ids_its_saelens_metadata_names(tmp_path, tiny_dirs, tiny_lm):
+    from refusalscope.store import RunStore
+
+    root = tmp_path / "saes"
+    for layer in (1, 2):
+        save_sae(random_sae("topk", d=tiny_lm.d_model, m=32, layer=layer), root / f"layer_{layer}",
+                 extra_metadata={"neuronpedia_id": f"tiny/{layer}-res"})
+    settings = RunSettings(model=str(tiny_dirs["qwen2"]), out=tmp_path / "run", saes=str(root), device="cpu")
+    store = RunStore(settings.out)
+    assert sorted(steps.ensure_saes(tiny_lm, settings, store)) == [1, 2]
+    assert store.read_json("saes.json")["neuronpedia"] == {"1": "tiny/1-res", "2": "tiny/2-res"}

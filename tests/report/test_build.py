@@ -31,12 +31,25 @@ def test_report_of_a_run_without_analyses(finished_run):
     assert list(status) == ALL
     for key in ["run", "direction", "stage1", "stage2", "stage3", "prompts"]:
         assert status[key] == "present", key
+    # given an absolute path, the report (inside the run, which moves between machines) names the run by its name
     for name in ANALYSES:
         assert status[name] == "missing"
-        assert f"not in this run: run `refusalscope analyze {name} --run {run}`" in html
-    assert f"not in this run: run `refusalscope annotate {run}`" in html
+        assert f"not in this run: run `refusalscope analyze {name} --run {run.name}`" in html
+    assert f"not in this run: run `refusalscope annotate {run.name}`" in html
+    assert str(run.parent) not in html
     _assert_self_contained(html)
     assert "by the substring judge" in html  # every jailbreak number names its judge
+
+
+def test_a_relative_run_path_is_kept_in_the_suggested_commands(finished_run, monkeypatch):
+    run, _ = finished_run
+    monkeypatch.chdir(run.parent.parent)
+    relative = run.relative_to(run.parent.parent)
+    path, _ = build_report(ReportSettings(run=relative))
+    html = path.read_text()
+    assert f"not in this run: run `refusalscope analyze hydra --run {relative}`" in html
+    assert f"Run directory <code>{relative}</code>" in html
+    assert str(run.parent) not in html
 
 
 def test_report_with_every_section_and_escaped_run_strings(analysed_run):

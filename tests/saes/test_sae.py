@@ -95,9 +95,24 @@ def test_wrong_hook_point_or_layer_is_refused():
     raw = to_saelens(random_sae("relu", layer=4))
     with pytest.raises(RefusalScopeError, match="layer 4"):
         from_saelens(raw, layer=5)
+    raw.cfg.metadata.hook_name = "blocks.5.hook_resid_pre"  # block 5's input is layer 4's output
+    with pytest.raises(RefusalScopeError, match="ask for layer 4 with the id of block 5"):
+        from_saelens(raw, layer=5)
     raw.cfg.metadata.hook_name = "blocks.4.hook_mlp_out"
     with pytest.raises(RefusalScopeError, match="not the residual stream"):
         from_saelens(raw)
+
+
+def test_the_neuronpedia_id_saelens_carries_is_kept_and_recorded_for_the_run():
+    from refusalscope.saes.run_set import neuronpedia_record
+
+    raw = to_saelens(random_sae("jumprelu", layer=3), extra_metadata={"neuronpedia_id": "m/3-src"})
+    assert from_saelens(raw).neuronpedia_id == "m/3-src"
+    assert from_saelens(raw, neuronpedia_id="given/3-x").neuronpedia_id == "given/3-x"  # the registry's wins
+    plain = from_saelens(to_saelens(random_sae("jumprelu", layer=4)))
+    assert plain.neuronpedia_id is None
+    assert neuronpedia_record({3: from_saelens(raw)}) == {"neuronpedia": {"3": "m/3-src"}}
+    assert neuronpedia_record({3: from_saelens(raw), 4: plain}) == {}  # only a set that names every layer's
 
 
 def test_size_mismatch_and_layer_range_are_clear():

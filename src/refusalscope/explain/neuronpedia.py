@@ -67,7 +67,8 @@ def split_id(neuronpedia_id: str) -> tuple[str, str]:
 
 def sources_for_run(saes_record: Mapping, layers: Sequence[int], template: str | None = None) -> dict[int, str]:
     """Neuronpedia ``model/source`` per layer for the run's SAE set (``saes.json``): ``template`` (with
-    ``{layer}``) if given, else the registry's; empty for SAE sets Neuronpedia does not have (e.g. ours)."""
+    ``{layer}``) if given, else the registry's, else the ids saes.json recorded from the SAEs' SAELens metadata;
+    empty for SAE sets Neuronpedia does not have (e.g. ours)."""
     from refusalscope.saes.registry import SAE_SETS
 
     if template:
@@ -76,9 +77,13 @@ def sources_for_run(saes_record: Mapping, layers: Sequence[int], template: str |
         out = {layer: template.format(layer=layer) for layer in layers}
     else:
         entry = SAE_SETS.get(str(saes_record.get("spec", "")))
-        if entry is None or entry.neuronpedia_template is None:
+        recorded = saes_record.get("neuronpedia") or {}  # per layer, from a SAELens release's metadata
+        if entry is not None and entry.neuronpedia_template is not None:
+            out = {layer: entry.neuronpedia_id(layer) for layer in layers}
+        elif isinstance(recorded, Mapping) and all(str(layer) in recorded for layer in layers):
+            out = {layer: str(recorded[str(layer)]) for layer in layers}
+        else:
             return {}
-        out = {layer: entry.neuronpedia_id(layer) for layer in layers}
     for value in out.values():
         split_id(value)
     return out

@@ -142,17 +142,32 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+def _has_weights(snapshot: Path) -> bool:
+    """A cached snapshot holds a config and weights (one that holds only a tokenizer or config, from an earlier
+    download of those files alone, is completed from the hub instead of failing to load)."""
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        return (snapshot / "config.json").is_file() and all((snapshot / s).is_file() for s in shards)
+    return (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors"))
+
+
 def _resolve_hub(hub_id: str) -> str:
     """Local snapshot directory of a hub repo; one clear error when it is not cached and the hub can't be reached."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(hub_id, local_files_only=True)
+        local = snapshot_download(hub_id, local_files_only=True)
+        if _has_weights(Path(local)):
+            return local
     except Exception:
         pass
     if _hub_offline():
         raise RefusalScopeError(
-            f"model {hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"model {hub_id!r} is not in the local Hugging Face cache (or only in part) and HF_HUB_OFFLINE is set; "
             "download it on a machine with internet (huggingface-cli download) or pass a local directory"
         )
     try:
@@ -165,13 +180,20 @@ def _resolve_hub(hub_id: str) -> str:
         ) from None
 
 
+def attention_kwargs(config) -> dict:
+    """Eager attention for models that soft-cap attention logits (Gemma-2): SDPA has no soft-capping, and a
+    transformers version that picked it would change every logit (recent ones already refuse SDPA for Gemma-2)."""
+    return {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+
+
 def _load_hf(path: str, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        attention = attention_kwargs(AutoConfig.from_pretrained(path, **kwargs))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **attention)
     except (OSError, ValueError, KeyError) as e:
         where = f"{path}{' / ' + gguf_file if gguf_file else ''}"
         raise RefusalScopeError(f"could not load a causal LM from {where}: {e}") \

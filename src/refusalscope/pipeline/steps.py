@@ -27,7 +27,8 @@ from refusalscope.lm.inference import generate
 from refusalscope.lm.loading import LoadedModel, load_model, portable_source
 from refusalscope.pipeline.records import PromptRecord
 from refusalscope.saes.registry import DEFAULT_SAE_SET, SAE_SETS, load_sae_set
-from refusalscope.saes.run_set import recorded_sae_dtype, record_sae_set, resolve_spec, run_sae_train, same_sae_set
+from refusalscope.saes.run_set import (neuronpedia_record, recorded_sae_dtype, record_sae_set, resolve_spec,
+                                        run_sae_train, same_sae_set)
 from refusalscope.saes.placement import place_saes
 from refusalscope.saes.sae import Sae, check_against_model
 from refusalscope.stages.context import CompletionCache, Flow, StageContext
@@ -213,7 +214,7 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> dict
         layers = parse_layers(settings.layers, lm.n_layers) if settings.layers else None
         saes = load_sae_set(resolve_spec(store, spec), layers, settings.sae_dtype)
         check_against_model(saes, lm.n_layers, lm.d_model)
-        record_sae_set(store, spec, sorted(saes), {"kind": "loaded"})
+        record_sae_set(store, spec, sorted(saes), {"kind": "loaded", **neuronpedia_record(saes)})
         return saes
     log.warning("no SAEs known for %s: training them (refusalscope sae train)", settings.model)
     ts = SaeTrainSettings(

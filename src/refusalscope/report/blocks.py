@@ -40,6 +40,12 @@ class RunFiles:
         self.root = Path(root)
         self.problems: list[str] = []
 
+    @property
+    def shown(self) -> str:
+        """How the report names the run in the commands it suggests: the path as given when relative, else the
+        directory's name, since the report lives in the run directory and that moves between machines (issue 13)."""
+        return str(self.root) if not self.root.is_absolute() else self.root.resolve().name
+
     def path(self, name: str) -> Path:
         return self.root / name
 

@@ -27,20 +27,16 @@ def environment() -> Environment:
                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def collect(run: str | Path, opts) -> list[Section]:
-    files = RunFiles(run)
-    return [build_section(b, files, opts) for b in [*SECTIONS, drilldown_section]]
-
-
 def build_report(opts) -> tuple[Path, list[Section]]:
     """Write the report of ``opts.run`` (to ``opts.out``, default RUN/report.html); returns (path, sections)."""
     root = Path(opts.run).expanduser()
     if not root.is_dir():
         raise RefusalScopeError(f"run directory {root} does not exist")
     start = time.perf_counter()
-    sections = collect(root, opts)
+    files = RunFiles(root)
+    sections = [build_section(b, files, opts) for b in [*SECTIONS, drilldown_section]]
     html = environment().get_template("report.html.j2").render(
-        run=str(root.resolve()), name=root.resolve().name, sections=sections, csp=CSP, version=__version__,
+        run=files.shown, name=root.resolve().name, sections=sections, csp=CSP, version=__version__,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=round(time.perf_counter() - start, 1))
     out = Path(opts.out).expanduser() if opts.out else root / REPORT

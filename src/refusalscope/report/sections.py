@@ -4,7 +4,6 @@ command that makes it. Tables are rendered generically (any columns an analysis 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pandas as pd
 
@@ -23,7 +22,7 @@ MAKES = {
 
 
 def missing_line(files: RunFiles, step: str) -> str:
-    command = MAKES.get(step, f"refusalscope analyze {step} --run RUN").replace("RUN", str(files.root))
+    command = MAKES.get(step, f"refusalscope analyze {step} --run RUN").replace("RUN", files.shown)
     return f"not in this run: run `{command}`"
 
 
@@ -64,7 +63,7 @@ def sae_section(files: RunFiles, opts) -> Section:
     s.blocks = compact([pairs(provenance, "SAE set (saes.json)"),
                         table(quality, "Quality on held-out text (sae_eval.parquet)", max_rows=opts.max_rows)
                         or text("sae_eval.parquet is not in this run: run `refusalscope sae eval --run "
-                                f"{files.root}`")])
+                                f"{files.shown}`")])
     return s
 
 
@@ -309,6 +308,3 @@ def build_section(builder, files: RunFiles, opts) -> Section:
     section.notes += files.problems[before:]
     return section
 
-
-def run_name(root: Path) -> str:
-    return Path(root).resolve().name

@@ -99,6 +99,13 @@ def record_sae_set(store: RunStore, spec: str, layers: Sequence[int], info: dict
     )
 
 
+def neuronpedia_record(saes: dict[int, Sae]) -> dict:
+    """``{"neuronpedia": {layer: MODEL/SOURCE}}`` for saes.json when every SAE names its Neuronpedia source (SAELens
+    releases carry it), so `analyze explain` finds their explanations without --neuronpedia-source; else {}."""
+    ids = {str(layer): sae.neuronpedia_id for layer, sae in sorted(saes.items())}
+    return {"neuronpedia": ids} if ids and all(ids.values()) else {}
+
+
 def recorded_sae_dtype(store: RunStore) -> str:
     """How the run's stages held its SAE set (config.run.json's ``sae_dtype``: float32 or bfloat16), "auto"
     before they ran (or for a run older than the setting)."""

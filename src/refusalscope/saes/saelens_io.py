@@ -40,8 +40,10 @@ def from_saelens(sae, *, layer: int | None = None, source: str = "", neuronpedia
             raise RefusalScopeError(f"SAE {source} does not name its hook point; say which layer it belongs to")
         layer = hook_layer
     elif hook_layer is not None and hook_layer != layer:
+        hint = (f"; a hook_resid_pre SAE of block {hook_layer + 1} is layer {hook_layer}'s, so ask for layer "
+                f"{hook_layer} with the id of block {hook_layer + 1}" if hook_name.endswith("resid_pre") else "")
         raise RefusalScopeError(f"SAE {source} reads {hook_name!r} (the output of layer {hook_layer}), "
-                                f"but it was given for layer {layer}")
+                                f"but it was given for layer {layer}{hint}")
     if getattr(cfg, "normalize_activations", "none") not in ("none", None):
         raise RefusalScopeError(f"SAE {source} normalises its input ({cfg.normalize_activations}); fold the "
                                 "normalisation into the weights first (SAELens fold_activation_norm_scaling_factor)")
@@ -62,6 +64,8 @@ def from_saelens(sae, *, layer: int | None = None, source: str = "", neuronpedia
     else:
         raise RefusalScopeError(f"SAE {source} has architecture {arch!r}; supported: standard (ReLU), jumprelu, topk")
     max_norm = cfg.metadata.get("refusalscope_max_norm") if hasattr(cfg.metadata, "get") else None
+    # SAELens carries its registry's Neuronpedia id in the metadata: a saelens:RELEASE:ID set gets explanations too
+    neuronpedia_id = neuronpedia_id or getattr(cfg.metadata, "neuronpedia_id", None) or None
     return Sae(name, W_enc, b_enc, W_dec, b_dec, layer, apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
                source=source, neuronpedia_id=neuronpedia_id, max_norm=max_norm, **kw)
 
