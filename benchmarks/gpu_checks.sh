@@ -4,10 +4,11 @@
 #   Gemma-2-2B with 65k JumpReLU SAEs, Llama-3.1-8B with 131k SAEs in host placement (peak GPU memory).
 # Usage, from the repository root:
 #   OUT=DIR bash benchmarks/gpu_checks.sh [all|batch|rows|compile|lockstep|profile|stage2|llama]
-# Every pipeline_gpu.py line also runs the once-per-run work (Stage 3's FM on 520 + 520 prompts, the CE texts; the
-# rows mode's chunk lines and the 131k line use 16 and 64 FM prompts, as they measure other things) and the
-# per-prompt analyses; the limits below were raised for them, untried on a GPU. Each mode's limits sum to under the
-# device tool's 10 minutes per command.
+# Every pipeline_gpu.py line also runs the once-per-run work (Stage 3's FM dataset and training, the CE texts) and
+# the per-prompt analyses. The compile and lockstep lines take AdvBench's size (520 + 520 FM prompts, 100 CE texts),
+# since their AdvBench-520 estimate counts that work; the others measure per-prompt cost or memory and take 16 or
+# 64 FM prompts and 8 CE texts. The limits are untried on a GPU since these were added; each mode's sum stays
+# under the device tool's 10 minutes per command.
 #   batch (~9 min at most): Gemma-2-2B/65k with 4 and 16 prompts in lockstep (--prompt-batch) and the one-prompt baseline
 #   rows (~5 min at most): Stage 2 alone at Gemma-2-2B/65k shapes, shared rows vs one row per set (bench_stages.py
 #   --rows-off; how much sharing saves depends on how often the random SAEs' latents fire), then one Gemma prompt
@@ -33,10 +34,14 @@
 # reports them)
 # and then, on the warm machine, stage2 with what is left (STAGE2_S=200; Stage 2 is ~1.7 s of a prompt, so
 # compiled scoring moves the estimate little either way).
-# Python packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
+# Python packages the machine lacks sit as wheels in .whl/ (installed into /tmp/site first). The device machine's
+# Python is 3.12 and has no pydantic: fetch them here for its Python, e.g.
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       pydantic pydantic-settings
+# and name .whl in the device tool's carry (it is git-ignored). A missing package stops the script at once.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-OUT=${OUT:-/tmp/gpu_checks}
+OUT=$(realpath -m "${OUT:-/tmp/gpu_checks}")  # absolute: the checks cd into benchmarks/
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -45,6 +50,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 log="$OUT/log.txt"
+# every module the benchmarks import, before any GPU time is spent on a run that would die at its first import
+python3 -c "import pydantic, pydantic_settings, refusalscope.config, refusalscope.stages.stage3, \
+refusalscope.analysis.hydra" 2>&1 | tee "$log" || { echo "missing Python packages: see above (.whl/)"; exit 1; }
 
 # each mode's checks; the wrapper at the end adds the date and GPU lines and writes everything to $log
 run_rows() {
@@ -118,11 +126,13 @@ run_batch() {
     # the one-at-a-time baseline first (short), then groups of 4 and 16; each prints a line per group
     echo "== gemma-2-2b, 65k, one prompt at a time (same machine)"
     timeout "${BASE_S:-120}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-        --prompts 2 --prompt-batch 1 --reference-prompts 0 --json "$OUT/gemma65k_batch1.json"
+        --prompts 2 --prompt-batch 1 --reference-prompts 0 --fm-prompts 64 --ce-texts 8 \
+        --json "$OUT/gemma65k_batch1.json"
     for g in 4 16; do
         echo "== gemma-2-2b, 65k, $g prompts in lockstep"
         timeout "${GEMMA_S:-230}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda \
-            --prompts "$g" --prompt-batch "$g" --reference-prompts 0 --json "$OUT/gemma65k_batch$g.json"
+            --prompts "$g" --prompt-batch "$g" --reference-prompts 0 --fm-prompts 64 --ce-texts 8 \
+            --json "$OUT/gemma65k_batch$g.json"
     done
 }
 
@@ -142,10 +152,11 @@ run_all() {
         --json "$OUT/toy_cuda_host_bf16.json"
     echo "== gemma-2-2b, 65k JumpReLU SAEs on every layer"
     timeout "${GEMMA_S:-200}" python3 pipeline_gpu.py --shape gemma-2-2b --width 65536 --device cuda --prompts 2 \
-        --json "$OUT/gemma65k.json"
+        --fm-prompts 64 --ce-texts 8 --json "$OUT/gemma65k.json"
     echo "== llama-3.1-8b, 131k SAEs on every layer, host placement"
     timeout "${LLAMA_S:-160}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda --prompts 1 \
-        --reference-prompts 0 --fm-prompts 64 --sae-placement host --sae-dtype "${LLAMA_SAE_DTYPE:-float32}" \
+        --reference-prompts 0 --fm-prompts 64 --ce-texts 8 --sae-placement host \
+        --sae-dtype "${LLAMA_SAE_DTYPE:-float32}" \
         --json "$OUT/llama131k.json"
 }
 
@@ -153,10 +164,11 @@ run_llama() {
     cd benchmarks || exit 1
     echo "== llama-3.1-8b, 32k SAEs on every layer, on the GPU"
     timeout "${LLAMA32_S:-200}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 32768 --device cuda \
-        --prompts 1 --reference-prompts 0 --fm-prompts 64 --sae-placement device --json "$OUT/llama32k.json"
+        --prompts 1 --reference-prompts 0 --fm-prompts 64 --ce-texts 8 --sae-placement device \
+        --json "$OUT/llama32k.json"
     echo "== llama-3.1-8b, 131k SAEs on every layer, held on the host in bfloat16"
     timeout "${LLAMA_S:-260}" python3 pipeline_gpu.py --shape llama-3.1-8b --width 131072 --device cuda \
-        --prompts 1 --reference-prompts 0 --fm-prompts 64 --sae-placement host --sae-dtype bfloat16 \
+        --prompts 1 --reference-prompts 0 --fm-prompts 64 --ce-texts 8 --sae-placement host --sae-dtype bfloat16 \
         --json "$OUT/llama131k_bf16.json"
 }
 

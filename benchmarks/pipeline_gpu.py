@@ -29,7 +29,8 @@ and with nothing to share the sharing path only adds its bookkeeping. Once per r
 harmful and as many harmless prompts) and its training with the probe (``stage3.fit_interaction_models``), and the
 CE texts (``--ce-texts`` instructions with their completions, as many prose passages) with their baseline and
 direction-ablation conditions. Per stage it prints seconds per prompt and
-peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water mark, which only grows), and, on
+peak GPU memory (``max_memory_allocated``; on a CPU the process's RSS high-water mark, which only grows; the
+whole work's peak, ``work_peak_gpu_mb``, apart from the setup's, since building random weights is not loading), and, on
 ``--reference-prompts`` prompts, the ratio against the plain reference forms measured in the same run:
 - Stage 1, the Stage-2 checks, Stage 3, hydra and the O'Brien sweep: one completion per generation call (batch 1,
   one K per call; hydra records one ablated row per forward; O'Brien counts tokens one position at a time);
@@ -383,7 +384,9 @@ def main(argv=None) -> dict:
         emit(out)
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        out["direction_s_per_run"] = round(direction_step(lm, args, Path(tmp)), 2)
+        with Meter(device) as dm:
+            out["direction_s_per_run"] = round(direction_step(lm, args, Path(tmp)), 2)
+    once_peaks = {"direction": dm.peak_mb}
 
     stage_saes = {ly: s for ly, s in saes.items() if ly >= 3}
     fm_saes = {ly: s for ly, s in saes.items() if ly >= 2}
@@ -391,6 +394,7 @@ def main(argv=None) -> dict:
     with Meter(device) as m:
         ranked = ranked_latents(stage_saes, direction, args.k_cap)
     out["ranking_s_per_run"] = round(m.seconds, 2)
+    once_peaks["ranking"] = m.peak_mb
 
     def context(batch_size: int, skip=None, compile: str = "off", compile_scoring: str = "off") -> StageContext:
         return StageContext(lm, {**fm_saes, **stage_saes}, judge, max_new_tokens=args.max_new_tokens,
@@ -505,8 +509,9 @@ def main(argv=None) -> dict:
                                     "direction_s_per_run": out["direction_s_per_run"],
                                     "fm_per_run": out["fm_per_run"], "ce_texts_per_run": out["ce_texts_per_run"],
                                     "estimate": out["estimate"]}), flush=True)
-    if device.type == "cuda":
-        print(f"peak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB", flush=True)
+    if device.type == "cuda":  # each Meter resets the peak: the work's peak is the largest of its blocks'
+        print(f"peak GPU memory of the work so far (setup apart): {work_peak_mb(out, peaks, once_peaks):.0f} MB",
+              flush=True)
 
     # the reference forms, on the first prompts, in the same process
     ref: dict = {}
@@ -596,14 +601,22 @@ def main(argv=None) -> dict:
     out["reference"] = ref
     out["partial_reference"] = partial
     if device.type == "cuda":  # each Meter resets the peak: the run's peak is the largest of the blocks'
-        out["peak_gpu_mb"] = round(max([out["setup_peak_gpu_mb"], *peaks.values(), out["fm_per_run"]["peak_mb"],
-                                        out["ce_texts_per_run"]["peak_mb"],
-                                        torch.cuda.max_memory_allocated(device) / 2**20]))
+        out["work_peak_gpu_mb"] = round(max(work_peak_mb(out, peaks, once_peaks),
+                                            torch.cuda.max_memory_allocated(device) / 2**20))
+        out["peak_gpu_mb"] = max(out["setup_peak_gpu_mb"], out["work_peak_gpu_mb"])
     else:
         out["rss_high_water_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_table(out)
     emit(out, args.json)
     return out
+
+
+def work_peak_mb(out: dict, peaks: dict[str, float], once_peaks: dict[str, float]) -> float:
+    """Peak GPU memory of the pipeline's work, the benchmark's setup apart (building random weights on the GPU can
+    peak higher than a real run's loading): the largest of the per-prompt stages', the direction step's, the
+    ranking's, the FM's and the CE texts' peaks."""
+    return max([*peaks.values(), *once_peaks.values(), out["fm_per_run"]["peak_mb"],
+                out["ce_texts_per_run"]["peak_mb"]])
 
 
 def once_per_run_s(out: dict) -> float:
@@ -651,6 +664,9 @@ def print_table(out: dict) -> None:
             else ""
         print(f"all stages, first prompt(s): reference {total['reference_s']} s, fast {total['fast_s']} s, "
               f"{total['ratio']}x{warm}", flush=True)
+    if "work_peak_gpu_mb" in out:
+        print(f"peak GPU memory: {out['work_peak_gpu_mb']} MB in the pipeline's work, {out['setup_peak_gpu_mb']} MB "
+              "while the benchmark built its random model and SAEs", flush=True)
     est = out.get("estimate")
     if est:
         print(f"estimate for {est['prompts']} prompts at these sweep sizes: {est['minutes']} min ({est['once_s']} s "

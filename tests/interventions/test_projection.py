@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from refusalscope.interventions.projection import add_direction, cosine, project_out, unit
+from refusalscope.interventions.projection import add_direction, cosine, like, project_out, unit
 from refusalscope.direction import cosine_table, kl_divergence, mean_difference
 
 
@@ -34,6 +34,16 @@ def test_add_direction_moves_along_r(h):
     assert torch.allclose((out - h) @ r, torch.full((3, 5), 2.5), atol=1e-5)
     per_row = add_direction(h, r, torch.tensor([0.0, 1.0, 2.0]))
     assert torch.allclose(per_row[0], h[0]) and torch.allclose((per_row[2] - h[2]) @ r, torch.full((5,), 2.0))
+
+
+def test_a_direction_is_converted_once_per_device_and_dtype():
+    """Hooks run at every layer and step: the direction is copied to the activations' device/dtype once."""
+    r = torch.randn(8)
+    get = like(r)
+    h32, h16 = torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bfloat16)
+    first = get(h32)
+    assert get(h32) is first and torch.equal(first, r)
+    assert get(h16) is get(h16) and get(h16).dtype == torch.bfloat16 and get(h32) is first
 
 
 def test_unit_rejects_zero():

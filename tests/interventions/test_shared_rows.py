@@ -86,7 +86,7 @@ def test_shared_rows_give_the_probabilities_of_one_row_per_set(any_tiny_lm, arch
 def test_shared_rows_on_cuda_give_the_probabilities_of_one_row_per_set(tiny_dirs):
     from refusalscope.lm.loading import load_model
 
-    lm = load_model(str(tiny_dirs["qwen2"]), device="cuda")
+    lm = load_model(str(tiny_dirs["qwen2"]), device="cuda", dtype="float32")  # "auto" is bf16 on a GPU
     _, saes, batch, cands, member = _chain(lm, "topk")
     saes = {layer: sae.to("cuda") for layer, sae in saes.items()}
     batch = {k: v.to("cuda") for k, v in batch.items()}

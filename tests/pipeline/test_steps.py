@@ -5,6 +5,7 @@ import json
 import time
 
 import pandas as pd
+import torch
 import pytest
 
 from helpers import FakeJudge, random_sae
@@ -220,3 +221,16 @@ def test_a_loaded_set_records_the_neuronpedia_ids_its_saelens_metadata_names(tmp
     store = RunStore(settings.out)
     assert sorted(steps.ensure_saes(tiny_lm, settings, store)) == [1, 2]
     assert store.read_json("saes.json")["neuronpedia"] == {"1": "tiny/1-res", "2": "tiny/2-res"}
+
+
+def test_stage3_reuses_the_stages_placed_saes_and_places_only_the_other_layers(tmp_path, tiny_lm, monkeypatch):
+    """The FM's layers 2..l* overlap the stages' 3..l*: a layer the stages placed is not placed (copied) again."""
+    saes = {layer: random_sae("jumprelu", d=tiny_lm.d_model, m=16, layer=layer) for layer in (1, 2, 3)}
+    settings = RunSettings(out=tmp_path / "run")
+    placed = {layer: saes[layer].to("cpu") for layer in (2, 3)}
+    asked = []
+    real = steps.place_saes
+    monkeypatch.setattr(steps, "place_saes", lambda s, *a: asked.append(sorted(s)) or real(s, *a))
+    out = steps.layer_saes(saes, [1, 2, 3], placed, settings, tiny_lm)
+    assert asked == [[1]] and sorted(out) == [1, 2, 3]
+    assert out[2] is placed[2] and out[3] is placed[3] and torch.equal(out[1].W_dec, saes[1].W_dec)

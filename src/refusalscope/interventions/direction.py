@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from refusalscope.interventions.base import Intervention
-from refusalscope.interventions.projection import add_direction, project_out, unit
+from refusalscope.interventions.projection import add_direction, like, project_out, unit
 from refusalscope.lm.hooks import Hook
 
 
@@ -32,8 +32,8 @@ class DirectionAblation(_Directional):
     layers: tuple[int, ...] | None = None  # None: every layer
 
     def hooks(self, n_layers: int) -> list[Hook]:
-        r = unit(self.direction.float())
-        edit = lambda h: project_out(h, r)  # noqa: E731
+        r = like(unit(self.direction.float()))
+        edit = lambda h: project_out(h, r(h))  # noqa: E731
         layers = range(n_layers) if self.layers is None else self.layers
         return [Hook(point, layer, edit) for layer in layers for point in ("resid_pre", "attn_out", "mlp_out")]
 
@@ -47,5 +47,5 @@ class ActivationAddition(_Directional):
     coeff: float = 1.0
 
     def hooks(self, n_layers: int) -> list[Hook]:
-        r = unit(self.direction.float())
-        return [Hook("resid_pre", self.layer, lambda h: add_direction(h, r, self.coeff))]
+        r = like(unit(self.direction.float()))
+        return [Hook("resid_pre", self.layer, lambda h: add_direction(h, r(h), self.coeff))]

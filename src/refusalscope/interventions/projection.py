@@ -13,6 +13,21 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
     return direction / norm
 
 
+def like(direction: torch.Tensor):
+    """``h -> direction`` on h's device and in h's dtype, converted once per (device, dtype): a hook called at every
+    layer and decoding step then copies a CPU direction to the GPU once, not at each call (each blocking copy
+    waits for the whole GPU stream)."""
+    copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(h: torch.Tensor) -> torch.Tensor:
+        key = (h.device, h.dtype)
+        if key not in copies:
+            copies[key] = direction.to(device=h.device, dtype=h.dtype)
+        return copies[key]
+
+    return get
+
+
 def _broadcast(direction: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     # (d,) applies to every row; (B, d) gives each batch row its own direction.
     d = direction.to(dtype=h.dtype, device=h.device)

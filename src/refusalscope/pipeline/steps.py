@@ -255,6 +255,15 @@ def stage_saes(all_saes: Mapping[int, Sae], settings: RunSettings, lm: LoadedMod
     return place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
 
 
+def layer_saes(all_saes: Mapping[int, Sae], layers: Sequence[int], placed: Mapping[int, Sae], settings: RunSettings,
+               lm: LoadedModel) -> dict[int, Sae]:
+    """The SAEs of ``layers`` for Stage 3's FM: those the stages already placed (``placed``) as they are, the others
+    placed now, so no layer is held twice on the GPU (10-13 GB at Gemma-2-2B/65k)."""
+    new = place_saes({layer: all_saes[layer] for layer in layers if layer not in placed}, lm.device,
+                     settings.sae_placement)
+    return {layer: placed[layer] if layer in placed else new[layer] for layer in layers}
+
+
 # our choice: 4 prompts together by default: 1.26x on the CPU (decoding reads every weight once per step, for 5 rows
 # or 20; benchmarks/RESULTS.md), and a kill loses at most 4 prompts' work; a GPU gains more from larger groups
 DEFAULT_PROMPT_BATCH = 4
@@ -464,7 +473,7 @@ def run_stage3_step(
         )
     _, meta = load_direction(store)
     layers = fm_layers(all_saes, opts.first_layer, int(meta["layer"]))
-    fm_saes = place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
+    fm_saes = layer_saes(all_saes, layers, stage_saes, settings, lm)
     run = store.read_json("run.json")
     shard = dict(ray=settings.ray, workers=settings.ray_workers, device=settings.device, progress=progress)
     models = fit_interaction_models(

@@ -69,9 +69,9 @@ class Stage3Worker:
 
     def start(self, device: str | None = None) -> Callable:
         settings, lm, store, all_saes = _load(self.settings, device)
-        fm_saes = _placed(all_saes, self.fm_layers, settings, lm)
-        ctx = steps.stage_context(lm, {**fm_saes, **steps.stage_saes(all_saes, settings, lm)},
-                                  _judge(self.new_judge), settings, store)
+        placed = steps.stage_saes(all_saes, settings, lm)
+        fm_saes = steps.layer_saes(all_saes, self.fm_layers, placed, settings, lm)
+        ctx = steps.stage_context(lm, {**fm_saes, **placed}, _judge(self.new_judge), settings, store)
         return partial(steps.write_stage3_prompts, ctx, store, self.models, settings.stage3, self.key)
 
 
