@@ -516,6 +516,30 @@ def artifact_dir(tmp_path: Path) -> Path:
 
 # --- small shared utilities ----------------------------------------------------------------------------------------
 
+def differences_beyond_rounding(a, b, rel: float = 1e-5, tol: float = 1e-6, where: str = "") -> list[str]:
+    """Where two JSON-like values differ, floats compared to ``rel`` or ``tol`` absolute (a Δ, a difference of two
+    P, keeps P's absolute error) and everything else (sets, verdicts, K,
+    positions, completions, keys) exactly. For results computed with other batch shapes or thread counts: on some
+    CPUs (an AMD EPYC without AVX-512, 2026-11-27) those change the kernels' summation order and so the last bits
+    of P and activations, though never a set or verdict of these tests."""
+    import math
+
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and math.isclose(a, b, rel_tol=rel, abs_tol=tol)
+        return [] if ok else [f"{where}: {a!r} != {b!r}"]
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in differences_beyond_rounding(a[k], b[k], rel, tol, f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} items != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in differences_beyond_rounding(x, y, rel, tol, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
 def spy_generate(monkeypatch) -> list[list[str]]:
     """Record the instructions of every generation call the stages make (``StageContext.judged_many``); the calls
     still generate."""

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import FakeJudge, analysis_alone_and_grouped, random_sae
+from helpers import FakeJudge, analysis_alone_and_grouped, differences_beyond_rounding, random_sae
 from refusalscope.analysis import hydra, hydra_graph
 from refusalscope.analysis.clamping import firings as clamp_firings
 from refusalscope.analysis.clamping import redundant_features
@@ -190,8 +190,9 @@ def test_scope_all_adds_the_latent_outside_the_set(tiny_lm):
     only_set = hydra.analyse_prompt(ctx, 7, PROMPT, sets, settings={}, wake_scope="set")
     res = hydra.analyse_prompt(ctx, 7, PROMPT, sets, settings={}, wake_scope="all")
     (s,) = res.sets
-    # the paper's scope is untouched by the extra bookkeeping
-    assert s.woken == only_set.sets[0].woken and s.blocks == only_set.sets[0].blocks
+    # the paper's scope is untouched by the extra bookkeeping (its extra rows change batch shapes: floats to rounding)
+    assert not differences_beyond_rounding(s.model_dump(include={"woken", "blocks"}),
+                                           only_set.sets[0].model_dump(include={"woken", "blocks"}))
     assert OUTSIDE not in {w.feature for w in s.woken} and only_set.sets[0].woken_all == []
     # scope "all": exactly what two plain forwards say, the set's dormant features and OUTSIDE included
     full = hydra.reference_wakes(tiny_lm, saes, PROMPT, [A, A2], [1, 2, 3])

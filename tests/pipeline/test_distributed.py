@@ -21,7 +21,7 @@ import psutil  # noqa: E402
 from ray import cloudpickle  # noqa: E402  (Ray's own copy, the one that pickles what goes to the workers)
 
 import helpers  # noqa: E402
-from helpers import FakeJudge, random_sae, untimed  # noqa: E402
+from helpers import FakeJudge, differences_beyond_rounding, random_sae, untimed  # noqa: E402
 from refusalscope.config import DirectionOptions, RunSettings, Stage3Options  # noqa: E402
 from refusalscope.errors import RefusalScopeError  # noqa: E402
 from refusalscope.pipeline.distributed import release_workers, run_items  # noqa: E402
@@ -175,8 +175,8 @@ def test_two_ray_workers_give_the_single_process_results(inputs, single, cluster
     assert len(list(out.glob("stage3/activations/chunk_*.safetensors"))) >= 1
     got = results(out)
     assert got.keys() == single.keys()
-    for name in single:
-        assert got[name] == single[name], name
+    for name in single:  # workers run torch on 1 thread (num_cpus=1), this process on 2: floats to rounding
+        assert not differences_beyond_rounding(got[name], single[name], where=name)
 
 
 def _files(out: Path) -> dict[str, tuple[bytes, int]]:
@@ -238,5 +238,5 @@ def test_killed_worker_and_driver_lose_no_finished_prompt(inputs, single, cluste
         assert after[name] == (data, mtime), f"{name}, finished before a kill, was written again"
     got = results(out)
     assert got.keys() == single.keys()
-    for name in single:
-        assert got[name] == single[name], name
+    for name in single:  # workers run torch on 1 thread (num_cpus=1), this process on 2: floats to rounding
+        assert not differences_beyond_rounding(got[name], single[name], where=name)
