@@ -307,4 +307,3 @@ def build_section(builder, files: RunFiles, opts) -> Section:
         section.notes.append(f"this section could not be built: {type(e).__name__}: {e}")
     section.notes += files.problems[before:]
     return section
-
