@@ -251,14 +251,13 @@ def stage_layers(saes: Mapping[int, Sae], settings: RunSettings, n_layers: int) 
 def stage_saes(all_saes: Mapping[int, Sae], settings: RunSettings, lm: LoadedModel) -> dict[int, Sae]:
     """The stages' SAEs (``stage_layers``): float32 on the model's device, or held in host memory when they would
     not fit the GPU (``--sae-placement``, ``saes.placement``)."""
-    layers = stage_layers(all_saes, settings, lm.n_layers)
-    return place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
+    return layer_saes(all_saes, stage_layers(all_saes, settings, lm.n_layers), {}, settings, lm)
 
 
 def layer_saes(all_saes: Mapping[int, Sae], layers: Sequence[int], placed: Mapping[int, Sae], settings: RunSettings,
                lm: LoadedModel) -> dict[int, Sae]:
-    """The SAEs of ``layers`` for Stage 3's FM: those the stages already placed (``placed``) as they are, the others
-    placed now, so no layer is held twice on the GPU (10-13 GB at Gemma-2-2B/65k)."""
+    """The SAEs of ``layers``: those already placed (``placed``: the stages' set, for Stage 3's FM) as they are, the
+    others placed now, so no layer is held twice on the GPU (10-13 GB at Gemma-2-2B/65k)."""
     new = place_saes({layer: all_saes[layer] for layer in layers if layer not in placed}, lm.device,
                      settings.sae_placement)
     return {layer: placed[layer] if layer in placed else new[layer] for layer in layers}

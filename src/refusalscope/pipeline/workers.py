@@ -30,11 +30,6 @@ def _load(settings: RunSettings, device: str | None):
     return settings, lm, store, load_run_saes(store, lm, dtype=settings.sae_dtype)
 
 
-def _placed(all_saes, layers, settings: RunSettings, lm) -> dict:
-    """The SAEs of ``layers``, placed as the driver places them (``steps.run_stage3_step``)."""
-    return steps.place_saes({layer: all_saes[layer] for layer in layers}, lm.device, settings.sae_placement)
-
-
 def _judge(new_judge: Callable[[], Judge] | None) -> Judge:
     if new_judge is None:
         raise RefusalScopeError("a Ray worker needs a way to make the run's judge")
@@ -86,6 +81,6 @@ class ChunkWorker:
         from refusalscope.stages.interaction_data import write_chunk
 
         settings, lm, store, all_saes = _load(self.settings, device)
-        saes = _placed(all_saes, self.layers, settings, lm)
+        saes = steps.layer_saes(all_saes, self.layers, {}, settings, lm)  # placed as the driver places them
         return partial(write_chunk, lm, saes, store, n_positions=settings.stage3.n_positions,
                        batch_size=settings.batch_size)
