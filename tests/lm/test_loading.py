@@ -36,6 +36,31 @@ def test_dtype_and_device_resolution():
             resolve_device("cuda")
 
 
+def test_half_precision_on_a_cpu_without_its_instructions_is_warned(tmp_path, tiny_dirs, monkeypatch, caplog):
+    from refusalscope.lm.loading import cpu_flags, slow_half_precision_warning
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    plain = cpu_flags(info)
+    assert plain == {"fpu", "sse2", "avx", "avx2", "fma"} and cpu_flags(tmp_path / "missing") is None
+    cpu = torch.device("cpu")
+    assert "avx512_bf16" in slow_half_precision_warning(torch.bfloat16, cpu, plain)
+    assert "avx512_fp16" in slow_half_precision_warning(torch.float16, cpu, plain)
+    assert slow_half_precision_warning(torch.bfloat16, cpu, plain | {"avx512_bf16"}) is None
+    assert slow_half_precision_warning(torch.bfloat16, cpu, plain | {"amx_bf16"}) is None
+    assert slow_half_precision_warning(torch.float32, cpu, plain) is None
+    assert slow_half_precision_warning(torch.bfloat16, torch.device("cuda"), plain) is None
+    assert slow_half_precision_warning(torch.bfloat16, cpu, {"fp", "asimd"}) is None  # not x86: unknown
+    assert slow_half_precision_warning(torch.bfloat16, cpu, None) is None
+    monkeypatch.setattr(loading, "cpu_flags", lambda: plain)
+    with caplog.at_level("WARNING", logger="refusalscope"):
+        assert load_model(str(tiny_dirs["llama"]), device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+        assert "bfloat16 on this CPU" in caplog.text
+        caplog.clear()
+        load_model(str(tiny_dirs["llama"]), device="cpu")
+        assert "on this CPU" not in caplog.text
+
+
 def test_unknown_spec_is_clear():
     with pytest.raises(RefusalScopeError, match="unknown model"):
         load_model("no-such-model")

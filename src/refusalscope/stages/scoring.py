@@ -17,6 +17,7 @@ from refusalscope.interventions.shared_rows import SharedRowAblation
 from refusalscope.lm.compiled_layers import compiled_layers
 from refusalscope.lm.hooks import batch_context, hooked, layer_outputs, replaying
 from refusalscope.lm.loading import LoadedModel, cache_argument
+from refusalscope.lm.shared_prefix import returned_cache
 from refusalscope.lm.prompts import format_chat, tokenize
 from refusalscope.saes.features import Feature, as_latent_set, membership
 from refusalscope.saes.sae import Sae
@@ -89,9 +90,9 @@ class SetScorer:
             if p0 > 0 and (share == "positions" or cached):
                 self.p0 = p0
                 with torch.inference_mode():
-                    self.cache = model(input_ids=batch["input_ids"][:, :p0],
-                                       attention_mask=batch["attention_mask"][:, :p0],
-                                       use_cache=True, logits_to_keep=1).past_key_values
+                    self.cache = returned_cache(model(input_ids=batch["input_ids"][:, :p0],
+                                                      attention_mask=batch["attention_mask"][:, :p0],
+                                                      use_cache=True, logits_to_keep=1))
             elif share != "positions":
                 self.outs = layer_outputs(model, self.batch, low)
 
