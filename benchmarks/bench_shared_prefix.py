@@ -23,14 +23,21 @@ import torch
 from bench_common import emit
 
 
-def model_tokens(tokenizer, texts, prefix_len: int, batches, shared: bool) -> int:
-    """Token positions a forward computes over these batches: padded rows, or the prefix once plus padded suffixes."""
+def model_tokens(tokenizer, texts, prefix_len: int, batches, shared: bool) -> tuple[int, int]:
+    """(token positions a forward computes over these batches, batches split at the prefix): padded rows, or, where
+    ``split_on_prefix`` splits a batch (as ``collect`` does), the prefix once plus padded suffixes."""
+    from refusalscope.lm.shared_prefix import split_on_prefix
+
     lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
-    total = 0
+    total = split = 0
     for rows in batches:
         longest = max(lengths[i] for i in rows)
-        total += (prefix_len + len(rows) * (longest - prefix_len)) if shared else len(rows) * longest
-    return total
+        if shared and split_on_prefix(tokenizer, [texts[i] for i in rows], prefix_len) is not None:
+            split += 1
+            total += prefix_len + len(rows) * (longest - prefix_len)
+        else:
+            total += len(rows) * longest
+    return total, split
 
 
 def fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -94,18 +101,22 @@ def main() -> None:
     sorted_batches = [[c + r for r in rows] for c in chunks
                       for rows in length_sorted_batches(texts[c:c + args.chunk_prompts], lm.tokenizer,
                                                         args.batch_size)]
-    diff = [(a.float() - b.float()) for a, b in ((acts[True][la], acts[False][la]) for la in layers)]
+    shared_tokens, split = model_tokens(lm.tokenizer, texts, p, sorted_batches, True)
+    same_shapes = all(acts[True][la].shape == acts[False][la].shape for la in layers)
     out.update({
         "collect_plain_s": round(seconds[False], 3), "collect_shared_s": round(seconds[True], 3),
         "collect_speedup": round(seconds[False] / seconds[True], 2),
-        "model_tokens_plain": model_tokens(lm.tokenizer, texts, p, plain_batches, False),
-        "model_tokens_shared": model_tokens(lm.tokenizer, texts, p, sorted_batches, True),
-        "kept_tokens_per_layer": int(acts[True][layers[0]].shape[0]),
-        "same_shapes": all(acts[True][la].shape == acts[False][la].shape for la in layers),
-        "fp16_values_differing": float(sum(int((d != 0).sum()) for d in diff) / sum(d.numel() for d in diff)),
-        "max_abs_diff": float(max(d.abs().max() for d in diff)),
-        "max_fp16_ulps": max(fp16_ulps(acts[True][la], acts[False][la]) for la in layers),
+        "model_tokens_plain": model_tokens(lm.tokenizer, texts, p, plain_batches, False)[0],
+        "model_tokens_shared": shared_tokens, "batches": len(sorted_batches), "batches_split": split,
+        "kept_tokens_per_layer": int(acts[True][layers[0]].shape[0]), "same_shapes": same_shapes,
     })
+    if same_shapes:
+        diff = [(acts[True][la].float() - acts[False][la].float()) for la in layers]
+        out.update({
+            "fp16_values_differing": float(sum(int((d != 0).sum()) for d in diff) / sum(d.numel() for d in diff)),
+            "max_abs_diff": float(max(d.abs().max() for d in diff)),
+            "max_fp16_ulps": max(fp16_ulps(acts[True][la], acts[False][la]) for la in layers),
+        })
 
     if args.run:
         saes = load_run_saes(RunStore(Path(args.run)), lm, layers=layers)

@@ -99,6 +99,10 @@ class _RunOptions(ModelOptions):
     data_dir: str | None = Field(None, description="data directory for dataset names (default: the run's)")
 
 
+SHARE_PREFIX = ("activations and quality report: run the chat template's prefix once per batch and only each prompt's "
+                "own tokens after its key/value cache (same values up to float rounding); off: the plain forward")
+
+
 class SaeTrainOptions(BaseModel):
     """Options of SAE training (TopK SAEs in SAELens format), shared by ``sae train`` and ``run``."""
 
@@ -121,6 +125,7 @@ class SaeTrainOptions(BaseModel):
                                  description="held-out prompt sets for the quality report")
     n_eval: int = Field(32, ge=1, description="held-out prompts for the quality report")
     seed: int = Field(0, description="random seed")
+    share_prefix: bool = Field(True, description=SHARE_PREFIX)
 
 
 class SaeTrainSettings(_RunOptions, SaeTrainOptions):
@@ -136,6 +141,7 @@ class SaeEvalSettings(_RunOptions):
     eval_sets: list[str] = Field(default_factory=lambda: ["harmless_test", "harmful_val"],
                                  description="held-out prompt sets")
     n_eval: int = Field(32, ge=1, description="held-out prompts")
+    share_prefix: bool = Field(True, description=SHARE_PREFIX)
     json_output: bool = Field(False, description='print one final JSON line: [{"layer", "fvu", "l0", "dead_frac", '
                               '"ce_increase"}, ...]', json_schema_extra={"flag": "--json"})
 

@@ -34,8 +34,11 @@ def test_no_split_without_a_common_prefix(tiny_lm):
     tok = tiny_lm.tokenizer
     texts = format_chat(tok, PROMPTS)
     assert split_on_prefix(tok, texts, 0) is None
-    assert split_on_prefix(tok, ["something else entirely", *texts], template_prefix_length(tok)) is None
-    # a text that is all prefix has no own token to run
     p = template_prefix_length(tok)
+    other = format_chat(tok, ["Write a poem about the sea."], system="You are a pirate. Answer in rhymes.")[0]
+    assert len(tok.encode(other, add_special_tokens=False)) > p  # long enough: its start is what differs
+    assert split_on_prefix(tok, [*texts, other], p) is None
+    assert split_on_prefix(tok, texts, p) is not None
+    # a text that is all prefix has no own token to run
     prefix_text = tok.decode(tok.encode(texts[0], add_special_tokens=False)[:p])
     assert split_on_prefix(tok, [prefix_text, *texts], p) is None

@@ -69,3 +69,23 @@ def test_collect_with_replies_appends_reply_tokens(tiny_lm, tmp_path):
     assert with_reply[1].shape[0] > bare[1].shape[0]
     # the prompt's tokens come first and are unchanged by what follows (causal)
     assert torch.allclose(with_reply[1][:bare[1].shape[0]].float(), bare[1].float(), atol=1e-3)
+
+
+def test_share_prefix_option_reaches_both_passes(tiny_run, capsys, monkeypatch):
+    """``--no-share-prefix`` runs the plain forward in the activation pass and the quality report alike."""
+    from refusalscope.saes import evals
+    from refusalscope.saes.training import activations
+
+    calls = []
+    for module in (activations, evals):
+        real = module.suffix_forward
+        monkeypatch.setattr(module, "suffix_forward",
+                            lambda *a, _real=real, _m=module.__name__, **k: calls.append(_m) or _real(*a, **k))
+    assert main(["sae", "train", "--run", str(tiny_run), *ARGS, "--no-share-prefix", "--json"]) == 0
+    assert calls == []
+    assert main(["sae", "eval", "--run", str(tiny_run), "--n-eval", "4", "--json"]) == 0
+    assert set(calls) == {"refusalscope.saes.evals"}
+    calls.clear()
+    assert main(["sae", "eval", "--run", str(tiny_run), "--n-eval", "4", "--no-share-prefix", "--json"]) == 0
+    assert calls == []
+    capsys.readouterr()

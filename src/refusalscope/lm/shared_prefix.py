@@ -3,9 +3,11 @@ repeated over the batch, then only each prompt's own tokens.
 
 Qwen2.5's default system prompt is 24 of a corpus prompt's ~41 tokens, the same in every prompt, so a plain
 left-padded forward spends over half its work on it (more with padding). Splitting it off changes each value by
-float rounding only (other matrix shapes): exact up to rounding, as the tests check against the plain forward.
-Hooks see the prefix forward as a (1, P, d) call and the suffix forward as (B, S, d); the suffix is right-padded,
-so a row's real tokens come first and keep the positions they have in the whole prompt.
+float rounding only (other matrix shapes), as the tests check against the plain forward for Qwen2, Llama and
+Gemma-2. That rests on rotary (relative) positions: the plain forward shifts each left-padded row's positions by its
+padding, which only relative positions ignore. Hooks see the prefix forward as a (1, P, d) call and the suffix
+forward as (B, S, d); the suffix is right-padded, so a row's real tokens come first and sit at the positions they
+have in the whole prompt.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, 
         replies=settings.replies,
         norm_factor=settings.norm_factor,
         batch_size=settings.batch_size,
+        share_prefix=settings.share_prefix,
     )
     check_against_model(saes, lm.n_layers, lm.d_model)
     spec = portable_spec(store, str(set_dir))
@@ -172,7 +173,8 @@ def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, 
         {"kind": "trained", "train": {**info, "set_dir": spec}, "config": settings.model_dump(mode="json")},
     )
     table = evaluate_sae_set(
-        lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size
+        lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size,
+        share_prefix=settings.share_prefix,
     )
     store.write_table("sae_eval.parquet", table)
     return table
@@ -181,7 +183,8 @@ def run_sae_train(lm: LoadedModel, settings: SaeTrainSettings, store: RunStore, 
 def run_sae_eval(lm: LoadedModel, settings: SaeEvalSettings, store: RunStore, data_dir: str | None) -> pd.DataFrame:
     saes = load_run_saes(store, lm)  # held as the run's stages held them, if it has run them
     table = evaluate_sae_set(
-        lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size
+        lm, saes, eval_prompts(settings.eval_sets, settings.n_eval, data_dir), batch_size=settings.batch_size,
+        share_prefix=settings.share_prefix,
     )
     store.write_table("sae_eval.parquet", table)
     return table

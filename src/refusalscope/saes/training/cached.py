@@ -45,7 +45,8 @@ def max_norm_for(x: torch.Tensor, factor: float) -> float:
 
 def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str], cfg: TrainConfig, *,
                   corpus_id: str, norm_factor: float = 4.0, replies: int = 0, batch_size: int = 16,
-                  device: str | None = None, progress: bool = True) -> tuple[Path, dict[int, Sae], dict]:
+                  share_prefix: bool = True, device: str | None = None,
+                  progress: bool = True) -> tuple[Path, dict[int, Sae], dict]:
     """Train the layers whose SAE is not cached yet; returns (set directory, {layer: Sae}, info)."""
     model_key = {"model": lm.name, "source": str(lm.source), "corpus": corpus_id, "n": len(corpus),
                  "replies": replies, "v": FORMAT_VERSION}
@@ -66,7 +67,9 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
             outs = generate(lm, texts, max_new_tokens=replies, batch_size=batch_size, desc="replies",
                             progress=progress)
             texts = [(t, o) for t, o in zip(texts, outs)]
-        acts = collect(lm, texts, todo, acts_dir, batch_size=batch_size, progress=progress)
+        # not in the keys: the shared prefix changes activations by float rounding only
+        acts = collect(lm, texts, todo, acts_dir, batch_size=batch_size, share_prefix=share_prefix,
+                       progress=progress)
         info["seconds"]["collect"] = time.perf_counter() - t0
         info["tokens"] = int(next(iter(acts.values())).shape[0])
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
