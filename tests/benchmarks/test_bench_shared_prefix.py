@@ -16,7 +16,7 @@ def test_shared_prefix_benchmark_agrees(tmp_path, monkeypatch, capsys, tiny_dirs
     bench.main()
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["prompts"] == 12 and out["layers"] == 2 and out["prefix_tokens"] > 0
-    assert out["same_shapes"] and out["fp16_values_differing"] < 0.05 and out["max_fp16_ulps"] <= 4
+    assert out["same_shapes"] and out["fp16_values_differing"] < 0.05 and out["token_rel_error_max"] < 1e-2
     assert out["batches_split"] == out["batches"] > 1 and out["model_tokens_shared"] < out["model_tokens_plain"]
     assert out["eval_same_tokens"] and max(out["eval_max_rel_diff"].values()) < 1e-4
     assert out["collect_plain_s"] > 0 and out["eval_shared_s"] > 0
