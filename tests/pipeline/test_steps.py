@@ -210,6 +210,22 @@ def test_compile_scoring_reaches_the_stage_scorers(tmp_path, tiny_lm):
         assert ctx.scorer("Hi there", [(3, 1), (3, 2)]).compile == setting
 
 
+def test_changed_sae_training_options_on_a_trained_run_are_refused_unless_rounding_only(tmp_path, tiny_dirs,
+                                                                                        tiny_lm):
+    from refusalscope.config import SaeTrainOptions
+    from refusalscope.store import RunStore
+
+    settings = RunSettings(model=str(tiny_dirs["qwen2"]), out=tmp_path / "run", device="cpu")
+    store = RunStore(settings.out)
+    store.write_json("saes.json", {"spec": "cache:saes/x", "layers": [1, 2], "kind": "trained",
+                                   "config": SaeTrainOptions(width=64).model_dump(mode="json")})
+    plain = settings.model_copy(update={"sae_train": SaeTrainOptions(width=64, share_prefix=False)})
+    assert steps.ensure_saes(tiny_lm, plain, store) is None  # the recorded set stands; nothing is retrained
+    wider = settings.model_copy(update={"sae_train": SaeTrainOptions(width=128)})
+    with pytest.raises(RefusalScopeError, match="holds SAEs trained with width=64"):
+        steps.ensure_saes(tiny_lm, wider, store)
+
+
 def test_a_loaded_set_records_the_neuronpedia_ids_its_saelens_metadata_names(tmp_path, tiny_dirs, tiny_lm):
     from refusalscope.store import RunStore
 

@@ -147,6 +147,10 @@ def load_recorded_model(store: RunStore, *, device: str | None = None, dtype: st
     return lm, run
 
 
+# SAE-training options that change results by float rounding only: a run may resume with either value
+ROUNDING_ONLY = {"share_prefix"}
+
+
 def _explicit(options) -> dict:
     """The options a user set (flag, environment or TOML), as JSON values."""
     dumped = options.model_dump(mode="json")
@@ -202,7 +206,8 @@ def ensure_saes(lm: LoadedModel, settings: RunSettings, store: RunStore) -> dict
                 f"{store.root} was made with the SAE set {rec.get('spec')!r}, not {settings.saes!r}; use another --out"
             )
         if rec.get("kind") == "trained" and isinstance(rec.get("config"), dict):
-            changed = {k: v for k, v in _explicit(settings.sae_train).items() if rec["config"].get(k, v) != v}
+            changed = {k: v for k, v in _explicit(settings.sae_train).items()
+                       if k not in ROUNDING_ONLY and rec["config"].get(k, v) != v}
             if changed:
                 was = ", ".join(f"{k}={rec['config'][k]!r}" for k in changed)
                 raise RefusalScopeError(
