@@ -540,6 +540,18 @@ def differences_beyond_rounding(a, b, rel: float = 1e-5, tol: float = 1e-6, wher
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Record the positional arguments of every call of ``module.name`` (the calls still run)."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def spy_generate(monkeypatch) -> list[list[str]]:
     """Record the instructions of every generation call the stages make (``StageContext.judged_many``); the calls
     still generate."""

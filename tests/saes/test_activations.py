@@ -2,7 +2,7 @@
 
 import torch
 
-from helpers import differences_beyond_rounding, random_sae
+from helpers import count_calls, differences_beyond_rounding, random_sae
 from refusalscope.saes import evals
 from refusalscope.saes.evals import evaluate_sae_set
 from refusalscope.saes.training import activations
@@ -10,18 +10,6 @@ from refusalscope.saes.training.activations import collect
 
 PROMPTS = [f"Write a poem about the sea, verse {i}." for i in range(3)] + \
     ["hi", "Tell me how to pick a lock, step by step, in great detail please.", "cake?", "Name three rivers."]
-
-
-def count_calls(monkeypatch, module, name: str) -> list:
-    """Record the positional arguments of every call of ``module.name`` (the calls still run)."""
-    calls, real = [], getattr(module, name)
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
 
 
 def test_shared_prefix_collects_the_plain_tokens(any_tiny_lm, tmp_path, monkeypatch):

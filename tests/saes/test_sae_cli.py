@@ -6,6 +6,7 @@ import torch
 
 import pytest
 
+from helpers import count_calls
 from refusalscope.cli import main
 
 
@@ -76,16 +77,12 @@ def test_share_prefix_option_reaches_both_passes(tiny_run, capsys, monkeypatch):
     from refusalscope.saes import evals
     from refusalscope.saes.training import activations
 
-    calls = []
-    for module in (activations, evals):
-        real = module.suffix_forward
-        monkeypatch.setattr(module, "suffix_forward",
-                            lambda *a, _real=real, _m=module.__name__, **k: calls.append(_m) or _real(*a, **k))
+    collected, evaluated = (count_calls(monkeypatch, module, "suffix_forward") for module in (activations, evals))
     assert main(["sae", "train", "--run", str(tiny_run), *ARGS, "--no-share-prefix", "--json"]) == 0
-    assert calls == []
+    assert collected == evaluated == []
     assert main(["sae", "eval", "--run", str(tiny_run), "--n-eval", "4", "--json"]) == 0
-    assert set(calls) == {"refusalscope.saes.evals"}
-    calls.clear()
+    assert collected == [] and evaluated
+    evaluated.clear()
     assert main(["sae", "eval", "--run", str(tiny_run), "--n-eval", "4", "--no-share-prefix", "--json"]) == 0
-    assert calls == []
+    assert evaluated == []
     capsys.readouterr()

@@ -111,6 +111,12 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def returned_cache(output):
+    """The key/value cache a forward returned (``cache`` since transformers renamed ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def contiguous_head_input(model: torch.nn.Module) -> None:
     """Make the output embedding's input contiguous (once per model; a no-op for contiguous inputs).
 

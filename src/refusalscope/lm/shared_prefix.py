@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from refusalscope.lm.hooks import Hook, hooked
-from refusalscope.lm.loading import LoadedModel, cache_argument
+from refusalscope.lm.loading import LoadedModel, cache_argument, returned_cache
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,6 @@ def split_on_prefix(tokenizer, texts: Sequence[str], prefix_len: int,
         suffix[row, :len(i) - prefix_len] = torch.tensor(i[prefix_len:])
         mask[row, :len(i) - prefix_len] = 1
     return PrefixBatch(torch.tensor([head]).to(device), suffix.to(device), mask.to(device))
-
-
-def returned_cache(output):
-    """The key/value cache a forward returned (``cache`` since transformers renamed ``past_key_values``)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 def prefix_forward(lm: LoadedModel, batch: PrefixBatch, hooks: Sequence[Hook] = (), *,

@@ -16,8 +16,7 @@ from refusalscope.interventions.latents import CandidatePlans, LatentAblation
 from refusalscope.interventions.shared_rows import SharedRowAblation
 from refusalscope.lm.compiled_layers import compiled_layers
 from refusalscope.lm.hooks import batch_context, hooked, layer_outputs, replaying
-from refusalscope.lm.loading import LoadedModel, cache_argument
-from refusalscope.lm.shared_prefix import returned_cache
+from refusalscope.lm.loading import LoadedModel, cache_argument, returned_cache
 from refusalscope.lm.prompts import format_chat, tokenize
 from refusalscope.saes.features import Feature, as_latent_set, membership
 from refusalscope.saes.sae import Sae

@@ -30,6 +30,20 @@ def template_prefix_length(tokenizer) -> int:
     return len(tokenizer.encode(text[:text.find(_PLACEHOLDER)], add_special_tokens=False))
 
 
+def resid_recorders(layers: Sequence[int], store: dict[int, torch.Tensor], stop: bool) -> list[Hook]:
+    """Hooks that keep each layer's resid_post in ``store``; with ``stop``, the forward ends after the last one."""
+    last = max(layers)
+
+    def recorder(layer):
+        def edit(h):
+            store[layer] = h.detach()
+            if stop and layer == last:
+                raise StopForward
+        return edit
+
+    return [Hook("resid_post", layer, recorder(layer)) for layer in layers]
+
+
 def resid_post_batch(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], hooks: Sequence[Hook] = (),
                      full: bool = False) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
     """resid_post of ``layers`` for formatted ``texts`` (B, T, d) and the tokenized batch.
@@ -38,18 +52,8 @@ def resid_post_batch(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int
     """
     batch = tokenize(lm.tokenizer, texts, lm.device)
     store: dict[int, torch.Tensor] = {}
-    last = max(layers)
-
-    def recorder(layer):
-        def edit(h):
-            store[layer] = h.detach()
-            if layer == last and not full:
-                raise StopForward
-        return edit
-
-    rec = [Hook("resid_post", layer_id, recorder(layer_id)) for layer_id in layers]
     try:
-        with torch.inference_mode(), hooked(lm.model, [*hooks, *rec]):
+        with torch.inference_mode(), hooked(lm.model, [*hooks, *resid_recorders(layers, store, stop=not full)]):
             lm.model(**batch, logits_to_keep=1, use_cache=False)
     except StopForward:
         pass
@@ -64,20 +68,6 @@ def token_mask(attention_mask: torch.Tensor, prefix_len: int, keep_prefix: torch
     mask &= pos >= 1
     mask &= (pos >= prefix_len) | keep_prefix[:, None]
     return mask
-
-
-def resid_recorders(layers: Sequence[int], store: dict[int, torch.Tensor], stop: bool) -> list[Hook]:
-    """Hooks that keep each layer's resid_post in ``store``; with ``stop``, the forward ends after the last one."""
-    last = max(layers)
-
-    def recorder(layer):
-        def edit(h):
-            store[layer] = h.detach()
-            if stop and layer == last:
-                raise StopForward
-        return edit
-
-    return [Hook("resid_post", layer, recorder(layer)) for layer in layers]
 
 
 def prompt_activations(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], prefix_len: int,
