@@ -91,8 +91,9 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str] | None:
 
 def slow_half_precision_warning(dtype: torch.dtype, device: torch.device, flags: set[str] | None) -> str | None:
     """Why ``dtype`` will be slow on this CPU, or None: bfloat16 matrix products on an AMD EPYC without AVX-512
-    ran at 1.9 GFLOP/s against float32's 134 (2 cores, 2026-11-27), where CPUs with avx512_bf16 ran them faster
-    than float32 (README, Models). Only x86 flags are known; elsewhere (None) nothing is said."""
+    ran at 1.7 GFLOP/s against float32's 114-132 (2 cores, 2026-11-27, benchmarks/bench_matmul_dtypes.py), where
+    CPUs with avx512_bf16 ran them faster than float32 (README, Models). Only x86 flags are known; elsewhere (None)
+    nothing is said."""
     wanted = _HALF_FLAGS.get(dtype)
     if device.type != "cpu" or wanted is None or flags is None or not any(f.startswith("avx") for f in flags):
         return None

@@ -147,7 +147,7 @@ def load_recorded_model(store: RunStore, *, device: str | None = None, dtype: st
     return lm, run
 
 
-# SAE-training options that change results by float rounding only: a run may resume with either value
+# our choice: SAE-training options that change results by float rounding only; a run resumes under either value
 ROUNDING_ONLY = {"share_prefix"}
 
 

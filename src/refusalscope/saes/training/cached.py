@@ -67,7 +67,7 @@ def train_sae_set(lm: LoadedModel, layers: Sequence[int], corpus: Sequence[str],
             outs = generate(lm, texts, max_new_tokens=replies, batch_size=batch_size, desc="replies",
                             progress=progress)
             texts = [(t, o) for t, o in zip(texts, outs)]
-        # not in the keys: the shared prefix changes activations by float rounding only
+        # our choice: --share-prefix is not in the keys; it changes activations by float rounding only
         acts = collect(lm, texts, todo, acts_dir, batch_size=batch_size, share_prefix=share_prefix,
                        progress=progress)
         info["seconds"]["collect"] = time.perf_counter() - t0
