@@ -54,7 +54,8 @@ def main() -> None:
     from refusalscope.saes.evals import evaluate_sae_set
     from refusalscope.saes.run_set import _prompts, eval_prompts, load_run_saes
     from refusalscope.saes.sae import Sae
-    from refusalscope.saes.training.activations import collect, template_prefix_length
+    from refusalscope.lm.prompts import template_prefix_length
+    from refusalscope.saes.training.activations import collect
     from refusalscope.store import RunStore
 
     ap = argparse.ArgumentParser()

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from helpers import count_calls
 from refusalscope.config import DirectionSettings
 from refusalscope.data import load_prompts
 from refusalscope.direction import load_direction, mean_difference, run_direction
@@ -68,3 +69,30 @@ def test_overlapping_train_and_val_is_refused(tiny_lm, tiny_dirs, tiny_data_dir,
     s = _settings(tiny_dirs, tiny_data_dir, tmp_path, harmful_val="harmful_train")
     with pytest.raises(RefusalScopeError, match="--allow-overlap"):
         run_direction(tiny_lm, s, RunStore(s.out))
+
+
+def test_shared_prefix_gives_the_plain_candidates_and_choice(tiny_lm, tiny_dirs, tiny_data_dir, tmp_path, monkeypatch):
+    """Step 1-2 with the template prefix once per batch (the default) against the plain forward: mean differences,
+    every filter value and the chosen candidate agree up to float rounding; every batch split."""
+    from refusalscope.lm import inference
+
+    split = count_calls(monkeypatch, inference, "suffix_forward")
+    last = count_calls(monkeypatch, inference, "suffix_last_logits")
+    kw = dict(positions="post-instruction", filters=["kl", "steer"], kl_threshold=10.0, steer_threshold=-100.0)
+    runs = {}
+    for share in (True, False):
+        s = _settings(tiny_dirs, tiny_data_dir, tmp_path / str(share), share_prefix=share, **kw)
+        summary = run_direction(tiny_lm, s, RunStore(s.out))
+        table = RunStore(s.out).read_table("direction_candidates.parquet")
+        runs[share] = summary, table, load_direction(RunStore(s.out))[0]
+        if share:
+            assert len(split) == 2 and len(last) > 0  # the two training sets, and every scoring forward
+            calls = len(split), len(last)
+    assert (len(split), len(last)) == calls  # the plain run split nothing
+    (a, ta, da), (b, tb, db) = runs[True], runs[False]
+    assert (a["layer"], a["position"]) == (b["layer"], b["position"])
+    assert torch.allclose(da, db, atol=1e-4)
+    for col in ("ablation_score", "kl", "steer_score"):
+        assert torch.allclose(torch.tensor(ta[col].values), torch.tensor(tb[col].values), atol=1e-3,
+                              equal_nan=True), col  # layer 0's mean difference is 0: no score
+    assert (ta.asr.fillna(-1) == tb.asr.fillna(-1)).all()

@@ -65,6 +65,9 @@ class DirectionOptions(BaseModel):
     max_new_tokens: int = Field(48, ge=1, description="tokens generated for the ASR of each candidate")
     allow_overlap: bool = Field(False, description="allow train and validation prompts to overlap")
     seed: int = Field(0, description="random seed")
+    share_prefix: bool = Field(True, description=(
+        "mean activations and candidate scoring: run the chat template's prefix once per batch and only each "
+        "prompt's own tokens after its key/value cache (same values up to float rounding); off: the plain forward"))
 
 
 class DirectionSettings(ModelOptions, DirectionOptions):

@@ -8,6 +8,8 @@
    harmless prompts refuse), ``prune`` (drop the last 20% of layers). If no candidate passes, selection falls back
    to all candidates and says so.
 3. The best-scoring few are ranked by held-out attack success rate under ablation; the best is l*.
+Steps 1 and 2 run the chat template's prefix once per batch (``share_prefix``, ``lm.shared_prefix``; our choice: on,
+since every row's ablation is the same and the values move by float rounding only); step 3 generates plainly.
 Per-layer cosine similarity of harmful and harmless activations with r̂(l*) (the paper's Figs. 4/5) is saved as a
 table and a plot.
 """
@@ -100,7 +102,8 @@ class DirectionResult:
 def _mean_log_odds(lm, prompts, interventions, settings) -> torch.Tensor:
     ids = lm.refusal_token_ids()
     return map_last_logits(lm, prompts, lambda x: refusal_log_odds(torch.log_softmax(x, -1), ids),
-                           interventions=interventions, batch_size=settings.batch_size, progress=False)
+                           interventions=interventions, batch_size=settings.batch_size, progress=False,
+                           share_prefix=settings.share_prefix)
 
 
 def score_candidates(lm: LoadedModel, mean_diffs: torch.Tensor, positions: list[int], layers: list[int],
@@ -110,7 +113,7 @@ def score_candidates(lm: LoadedModel, mean_diffs: torch.Tensor, positions: list[
     base_lp = None
     if "kl" in filters:
         base_lp = map_last_logits(lm, harmless_val, lambda x: torch.log_softmax(x, -1),
-                                  batch_size=settings.batch_size, progress=False)
+                                  batch_size=settings.batch_size, progress=False, share_prefix=settings.share_prefix)
     prune_from = int(lm.n_layers * (1 - settings.prune_fraction))
     rows = []
     cands = [(p_idx, layer) for layer in layers for p_idx in range(len(positions))]
@@ -125,7 +128,8 @@ def score_candidates(lm: LoadedModel, mean_diffs: torch.Tensor, positions: list[
         passes = True
         if "kl" in filters:
             new_lp = map_last_logits(lm, harmless_val, lambda x: torch.log_softmax(x, -1), interventions=ablate,
-                                     batch_size=settings.batch_size, progress=False)
+                                     batch_size=settings.batch_size, progress=False,
+                                     share_prefix=settings.share_prefix)
             row["kl"] = float(kl_divergence(base_lp, new_lp).mean())
             passes &= row["kl"] <= settings.kl_threshold
         if "steer" in filters:
@@ -184,9 +188,9 @@ def compute_direction(lm: LoadedModel, settings: DirectionSettings) -> tuple[Dir
     positions = post_instruction_positions(lm.tokenizer) if settings.positions == "post-instruction" else [-1]
 
     harm_acts = collect_residuals(lm, harmful_tr.texts, positions, batch_size=settings.batch_size,
-                                  desc="harmful activations")
+                                  desc="harmful activations", share_prefix=settings.share_prefix)
     safe_acts = collect_residuals(lm, harmless_tr.texts, positions, batch_size=settings.batch_size,
-                                  desc="harmless activations")
+                                  desc="harmless activations", share_prefix=settings.share_prefix)
     mean_diffs = mean_difference(harm_acts, safe_acts)
     table = score_candidates(lm, mean_diffs, positions, layers, harmful_va.texts, harmless_va.texts, settings)
     table, note = select(lm, table, mean_diffs, positions, harmful_va.texts, settings)

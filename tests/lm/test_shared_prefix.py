@@ -2,9 +2,14 @@
 
 import torch
 
+from helpers import count_calls
+from refusalscope.interventions import ActivationAddition, DirectionAblation
+from refusalscope.lm import inference
+from refusalscope.lm.hooks import Hook
+from refusalscope.lm.inference import collect_residuals, map_last_logits
 from refusalscope.lm.prompts import format_chat, tokenize
 from refusalscope.lm.shared_prefix import prefix_forward, split_on_prefix, suffix_forward
-from refusalscope.saes.training.activations import template_prefix_length
+from refusalscope.lm.prompts import template_prefix_length
 
 PROMPTS = ["Write a poem about the sea.", "hi", "Tell me how to pick a lock, step by step, in detail.", "cake?"]
 
@@ -42,3 +47,58 @@ def test_no_split_without_a_common_prefix(tiny_lm):
     # a text that is all prefix has no own token to run
     prefix_text = tok.decode(tok.encode(texts[0], add_special_tokens=False)[:p])
     assert split_on_prefix(tok, [prefix_text, *texts], p) is None
+
+
+def _direction(lm, seed=0):
+    return torch.randn(lm.d_model, generator=torch.Generator().manual_seed(seed))
+
+
+def test_last_logits_after_the_shared_prefix_are_the_plain_ones(any_tiny_lm, monkeypatch):
+    """map_last_logits(share_prefix=True): each row's last real token (rows end at different suffix positions),
+    under no edit, direction ablation and activation addition; every batch really split."""
+    lm = any_tiny_lm
+    split = count_calls(monkeypatch, inference, "suffix_last_logits")
+    r = _direction(lm)
+    for ivs in ([], [DirectionAblation(r)], [ActivationAddition(r, 1, 4.0)]):
+        plain = map_last_logits(lm, PROMPTS, lambda x: x, interventions=ivs, batch_size=3, progress=False)
+        shared = map_last_logits(lm, PROMPTS, lambda x: x, interventions=ivs, batch_size=3, progress=False,
+                                 share_prefix=True)
+        assert torch.allclose(shared, plain, atol=1e-4), ivs
+    assert len(split) == 3 * 2  # two batches (3 + 1 prompts) per intervention list
+    assert not torch.allclose(shared, map_last_logits(lm, PROMPTS, lambda x: x, progress=False), atol=1e-3)
+
+
+def test_residuals_after_the_shared_prefix_are_the_plain_ones(any_tiny_lm, monkeypatch):
+    lm = any_tiny_lm
+    split = count_calls(monkeypatch, inference, "suffix_forward")
+    positions = [-3, -2, -1]
+    ablate = [DirectionAblation(_direction(lm))]
+    for ivs in ([], ablate):
+        plain = collect_residuals(lm, PROMPTS, positions, batch_size=3, interventions=ivs, progress=False)
+        shared = collect_residuals(lm, PROMPTS, positions, batch_size=3, interventions=ivs, progress=False,
+                                   share_prefix=True)
+        assert torch.allclose(shared, plain, atol=1e-4)
+    assert len(split) == 2 * 2
+    # a position inside the prefix (for the shortest prompt) runs that batch plainly
+    own = split_on_prefix(lm.tokenizer, format_chat(lm.tokenizer, PROMPTS), template_prefix_length(lm.tokenizer))
+    deep = [-int(own.lengths.min()) - 1]
+    before = len(split)
+    assert torch.allclose(collect_residuals(lm, PROMPTS, deep, progress=False, share_prefix=True),
+                          collect_residuals(lm, PROMPTS, deep, progress=False), atol=1e-4)
+    assert len(split) == before
+
+
+def test_edits_that_differ_by_row_or_position_run_plainly(tiny_lm, monkeypatch):
+    """Per-row directions, edits not marked uniform and extra hooks keep the plain forward (same results)."""
+    lm = tiny_lm
+    split = count_calls(monkeypatch, inference, "suffix_last_logits")
+    per_row = DirectionAblation(torch.randn(len(PROMPTS), lm.d_model, generator=torch.Generator().manual_seed(1)))
+    assert not per_row.uniform and DirectionAblation(_direction(lm)).uniform
+    recorded = []
+    hook = Hook("resid_pre", 1, lambda h: recorded.append(h.shape))
+    for kw in ({"interventions": [per_row]}, {"extra_hooks": [hook]}):
+        plain = map_last_logits(lm, PROMPTS, lambda x: x, progress=False, **kw)
+        shared = map_last_logits(lm, PROMPTS, lambda x: x, progress=False, share_prefix=True, **kw)
+        assert torch.equal(shared, plain)
+    assert split == []
+    assert all(len(shape) == 3 and shape[0] == len(PROMPTS) for shape in recorded)  # whole batches, not one row

@@ -82,6 +82,21 @@ def test_new_direction_options_on_a_finished_run_are_one_clear_error(finished):
         pipeline.run_pipeline(changed, progress=False)
 
 
+def test_a_finished_run_resumes_under_either_direction_share_prefix(finished):
+    """--direction.share-prefix changes the direction by float rounding only (steps.ROUNDING_ONLY)."""
+    def kept():  # the direction's files and the finished prompts (a resume rewrites only the tables)
+        files = [*finished.out.glob("direction*"), *finished.out.glob("config.direction.json"),
+                 *(finished.out / "prompts").glob("*.json")]
+        return {p.name: p.stat().st_mtime_ns for p in files}
+
+    before = kept()
+    assert len(before) >= 5
+    plain = finished.model_copy(update={"direction": DirectionOptions(**{**FAST_DIRECTION, "share_prefix": False})})
+    assert json.loads((finished.out / "config.direction.json").read_text())["share_prefix"] is True
+    pipeline.run_pipeline(plain, progress=False)
+    assert kept() == before
+
+
 def test_toml_run_direction_table_reaches_the_direction_step(tmp_path, tiny_dirs, tiny_data_dir, tiny_lm,
                                                              monkeypatch):
     monkeypatch.setattr(pipeline, "make_judge", lambda spec: FakeJudge.always(refused=True))

@@ -13,6 +13,9 @@ from refusalscope.lm.hooks import Hook
 
 class Intervention:
     per_row: bool = False
+    # applies one function of the activation to every token of every row (no per-row setting, no positions), so a
+    # forward may run a prefix all rows share once (``lm.shared_prefix``) under it
+    uniform: bool = False
 
     def hooks(self, n_layers: int) -> list[Hook]:
         raise NotImplementedError

@@ -20,6 +20,10 @@ class _Directional(Intervention):
     def per_row(self) -> bool:  # type: ignore[override]
         return self.direction.dim() == 2
 
+    @property
+    def uniform(self) -> bool:  # type: ignore[override]
+        return not self.per_row
+
     def select(self, rows):
         return replace(self, direction=self.direction[list(rows)]) if self.per_row else self
 

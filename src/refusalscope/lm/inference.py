@@ -2,6 +2,7 @@
 
 Prompts are sorted by length before batching (less padding) and results come back in the caller's order.
 Only the last position's logits are computed where that is all that is needed (``logits_to_keep=1``).
+``share_prefix`` runs the chat template's prefix once per batch (``lm.shared_prefix``) under uniform interventions.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from refusalscope.interventions import Intervention, hooks_for
 from refusalscope.lm.compiled import LENGTH_BUCKET, compile_errors, generate_kwargs, padded_rows, static_cache
 from refusalscope.lm.hooks import Hook, batch_context, hooked
 from refusalscope.lm.loading import LoadedModel, cache_argument
-from refusalscope.lm.prompts import format_chat, tokenize
+from refusalscope.lm.prompts import format_chat, template_prefix_length, tokenize
+from refusalscope.lm.shared_prefix import prefix_forward, split_on_prefix, suffix_forward, suffix_last_logits
 
 
 def length_sorted_batches(texts: Sequence[str], tokenizer, batch_size: int) -> Iterator[list[int]]:
@@ -33,18 +35,37 @@ def _progress(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, unit="prompt", disable=not show, leave=False, dynamic_ncols=True)
 
 
+def _shared_prefix_len(lm: LoadedModel, share_prefix: bool, interventions: Sequence[Intervention],
+                       extra_hooks: Sequence[Hook]) -> int:
+    """Template prefix tokens a batch may run once (``lm.shared_prefix``); 0 (the plain forward) when not asked,
+    or when an edit might treat rows or positions differently."""
+    if not share_prefix or extra_hooks or not all(iv.uniform for iv in interventions):
+        return 0
+    return template_prefix_length(lm.tokenizer)
+
+
 def map_last_logits(lm: LoadedModel, instructions: Sequence[str], fn: Callable[[torch.Tensor], torch.Tensor], *,
                     interventions: Sequence[Intervention] = (), batch_size: int = 16, extra_hooks: Sequence[Hook] = (),
-                    desc: str = "forward", progress: bool = True) -> torch.Tensor:
-    """Apply ``fn`` to the float32 last-position logits (B, V) of each batch; results stacked in input order."""
+                    desc: str = "forward", progress: bool = True, share_prefix: bool = False) -> torch.Tensor:
+    """Apply ``fn`` to the float32 last-position logits (B, V) of each batch; results stacked in input order.
+
+    ``share_prefix``: the chat template's prefix runs once per batch and each prompt's own tokens after its
+    key/value cache (same logits up to float rounding); used only under uniform interventions and no extra hooks.
+    """
     texts = format_chat(lm.tokenizer, instructions)
+    prefix_len = _shared_prefix_len(lm, share_prefix, interventions, extra_hooks)
     results: list[torch.Tensor | None] = [None] * len(texts)
     with _progress(len(texts), desc, progress) as bar:
         for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
-            batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
             hooks = [*hooks_for(interventions, lm.n_layers, rows), *extra_hooks]
-            with torch.inference_mode(), hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
-                logits = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+            split = split_on_prefix(lm.tokenizer, [texts[i] for i in rows], prefix_len, lm.device)
+            if split is not None:
+                cache, _ = prefix_forward(lm, split, hooks)
+                logits = suffix_last_logits(lm, split, cache, hooks)
+            else:
+                batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
+                with torch.inference_mode(), hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
+                    logits = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
             out = fn(logits).cpu()
             for j, i in enumerate(rows):
                 results[i] = out[j]
@@ -59,26 +80,41 @@ def last_logprobs(lm: LoadedModel, instructions: Sequence[str], **kw) -> torch.T
 
 def collect_residuals(lm: LoadedModel, instructions: Sequence[str], positions: Sequence[int], *,
                       layers: Sequence[int] | None = None, batch_size: int = 16, interventions=(),
-                      desc: str = "activations", progress: bool = True) -> torch.Tensor:
-    """resid_pre activations at ``positions`` (negative offsets), as float32 (N, n_layers, n_positions, d)."""
+                      desc: str = "activations", progress: bool = True, share_prefix: bool = False) -> torch.Tensor:
+    """resid_pre activations at ``positions`` (negative offsets), as float32 (N, n_layers, n_positions, d).
+
+    ``share_prefix``: as in ``map_last_logits``; a batch runs plainly when a position falls inside the prefix.
+    """
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     texts = format_chat(lm.tokenizer, instructions)
     out = torch.zeros(len(texts), len(layers), len(positions), lm.d_model, dtype=torch.float32)
     pos = list(positions)
+    prefix_len = _shared_prefix_len(lm, share_prefix, interventions, ())
     with _progress(len(texts), desc, progress) as bar:
         for rows in length_sorted_batches(texts, lm.tokenizer, batch_size):
-            batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
+            edits = hooks_for(interventions, lm.n_layers, rows)
             store: dict[int, torch.Tensor] = {}
+            split = split_on_prefix(lm.tokenizer, [texts[i] for i in rows], prefix_len, lm.device)
+            at = split.from_end(pos) if split is not None else None
+            if at is not None:  # each row's positions in its right-padded suffix
+                take = lambda h: h[torch.arange(h.shape[0], device=h.device)[:, None], at]  # noqa: E731
+            else:
+                split, take = None, lambda h: h[:, pos, :]  # noqa: E731
 
             def recorder(layer: int):
                 def edit(h: torch.Tensor):
-                    store[layer] = h[:, pos, :].float().cpu()
+                    store[layer] = take(h).float().cpu()
                 return edit
 
-            hooks = [*hooks_for(interventions, lm.n_layers, rows),
-                     *(Hook("resid_pre", layer, recorder(layer)) for layer in layers)]
-            with torch.inference_mode(), hooked(lm.model, hooks), batch_context(batch["attention_mask"]):
-                lm.model(**batch, logits_to_keep=1, use_cache=False)
+            records = [Hook("resid_pre", layer, recorder(layer)) for layer in layers]
+            if split is not None:
+                cache, _ = prefix_forward(lm, split, edits)
+                suffix_forward(lm, split, cache, [*edits, *records])
+            else:
+                batch = tokenize(lm.tokenizer, [texts[i] for i in rows], lm.device)
+                with torch.inference_mode(), hooked(lm.model, [*edits, *records]), \
+                        batch_context(batch["attention_mask"]):
+                    lm.model(**batch, logits_to_keep=1, use_cache=False)
             idx = torch.tensor(rows)
             for k, layer in enumerate(layers):
                 out[idx, k] = store[layer]

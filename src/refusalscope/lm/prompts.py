@@ -31,6 +31,12 @@ def post_instruction_suffix(tokenizer) -> str:
     return text[idx + len(_PLACEHOLDER):]
 
 
+def template_prefix_length(tokenizer) -> int:
+    """Tokens the chat template puts before the user's text (identical in every prompt: ``lm.shared_prefix``)."""
+    text = format_chat(tokenizer, [_PLACEHOLDER])[0]
+    return len(tokenizer.encode(text[:text.find(_PLACEHOLDER)], add_special_tokens=False))
+
+
 def post_instruction_positions(tokenizer, last: int | None = None) -> list[int]:
     """Negative offsets of the post-instruction (end-of-instruction) tokens, oldest first.
 

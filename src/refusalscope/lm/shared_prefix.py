@@ -31,6 +31,17 @@ class PrefixBatch:
     mask: torch.Tensor
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """Each row's own (suffix) token count, (B,)."""
+        return self.mask.sum(1)
+
+    def from_end(self, offsets) -> torch.Tensor | None:
+        """Suffix indices (B, n) of negative ``offsets`` counted from each row's end (``offsets=[-1]``: its last
+        token); None when an offset reaches back into the prefix for some row."""
+        idx = self.lengths[:, None] + torch.as_tensor(list(offsets), device=self.mask.device)[None, :]
+        return idx if bool((idx >= 0).all()) else None
+
+    @property
     def full_mask(self) -> torch.Tensor:
         """The attention mask of the suffix forward: the prefix, then each row's real tokens."""
         ones = torch.ones(self.suffix.shape[0], self.prefix.shape[1], dtype=self.mask.dtype, device=self.mask.device)
@@ -76,3 +87,14 @@ def suffix_forward(lm: LoadedModel, batch: PrefixBatch, cache, hooks: Sequence[H
         out = lm.model(input_ids=batch.suffix, attention_mask=batch.full_mask, use_cache=True,
                        logits_to_keep=0 if logits else 1, **{cache_argument(lm.model): cache})
     return out.logits.float() if logits else None
+
+
+def suffix_last_logits(lm: LoadedModel, batch: PrefixBatch, cache, hooks: Sequence[Hook] = ()) -> torch.Tensor:
+    """Float32 logits (B, V) at each row's last real token, after the prefix's cache (use it once). Rows end at
+    different suffix positions (right padding), so the head runs at the batch's distinct last positions only."""
+    last = batch.from_end([-1])[:, 0]
+    keep, which = torch.unique(last, return_inverse=True)
+    with torch.inference_mode(), hooked(lm.model, hooks):
+        out = lm.model(input_ids=batch.suffix, attention_mask=batch.full_mask, use_cache=True, logits_to_keep=keep,
+                       **{cache_argument(lm.model): cache})
+    return out.logits[torch.arange(len(last), device=last.device), which].float()

@@ -147,7 +147,8 @@ def load_recorded_model(store: RunStore, *, device: str | None = None, dtype: st
     return lm, run
 
 
-# our choice: SAE-training options that change results by float rounding only; a run resumes under either value
+# our choice: direction and SAE-training options that change results by float rounding only; a run resumes under
+# either value
 ROUNDING_ONLY = {"share_prefix"}
 
 
@@ -166,7 +167,8 @@ def ensure_direction(lm: LoadedModel, settings: RunSettings, store: RunStore) ->
     if store.exists("direction.json"):
         if store.exists("config.direction.json"):
             used = store.read_json("config.direction.json")
-            changed = {k: v for k, v in _explicit(settings.direction).items() if k in used and used[k] != v}
+            changed = {k: v for k, v in _explicit(settings.direction).items()
+                       if k in used and k not in ROUNDING_ONLY and used[k] != v}
             if changed:
                 was = ", ".join(f"{k}={used[k]!r}" for k in changed)
                 raise RefusalScopeError(

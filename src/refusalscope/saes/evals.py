@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 from refusalscope.lm.hooks import Hook, StopForward, hooked
 from refusalscope.lm.inference import length_sorted_batches
 from refusalscope.lm.loading import LoadedModel
-from refusalscope.lm.prompts import format_chat
+from refusalscope.lm.prompts import format_chat, template_prefix_length
 from refusalscope.lm.shared_prefix import prefix_forward, split_on_prefix, suffix_forward
 from refusalscope.saes.placement import choose_placement
 from refusalscope.saes.sae import Sae
-from refusalscope.saes.training.activations import resid_recorders, resid_post_batch, template_prefix_length, token_mask
+from refusalscope.saes.training.activations import resid_recorders, resid_post_batch, token_mask
 
 
 class _HeldOutBatch:

@@ -19,15 +19,9 @@ from tqdm.auto import tqdm
 from refusalscope.lm.hooks import Hook, StopForward, hooked
 from refusalscope.lm.inference import length_sorted_batches
 from refusalscope.lm.loading import LoadedModel
-from refusalscope.lm.prompts import _PLACEHOLDER, format_chat, tokenize
+from refusalscope.lm.prompts import format_chat, template_prefix_length, tokenize
 from refusalscope.lm.shared_prefix import prefix_forward, split_on_prefix, suffix_forward
 from refusalscope.store import _atomic
-
-
-def template_prefix_length(tokenizer) -> int:
-    """Tokens the chat template puts before the user's text (identical in every prompt)."""
-    text = format_chat(tokenizer, [_PLACEHOLDER])[0]
-    return len(tokenizer.encode(text[:text.find(_PLACEHOLDER)], add_special_tokens=False))
 
 
 def resid_recorders(layers: Sequence[int], store: dict[int, torch.Tensor], stop: bool) -> list[Hook]:
