@@ -61,14 +61,19 @@ def main() -> None:
     real_split = inference.suffix_last_logits
     inference.suffix_last_logits = lambda *a, **k: split.append(1) or real_split(*a, **k)
     results = {}
-    for shared in (False, True):
-        restore = timed(direction, seconds[shared])
-        settings = DirectionSettings(model=args.model, out="unused", data_dir=args.data_dir,
-                                     batch_size=args.batch_size, share_prefix=shared, **given)
-        t0 = time.perf_counter()
-        results[shared], _ = direction.compute_direction(lm, settings)
-        seconds[shared]["total"] = time.perf_counter() - t0
-        restore()
+    try:
+        for shared in (False, True):
+            restore = timed(direction, seconds[shared])
+            try:
+                settings = DirectionSettings(model=args.model, out="unused", data_dir=args.data_dir,
+                                             batch_size=args.batch_size, share_prefix=shared, **given)
+                t0 = time.perf_counter()
+                results[shared], _ = direction.compute_direction(lm, settings)
+                seconds[shared]["total"] = time.perf_counter() - t0
+            finally:
+                restore()
+    finally:
+        inference.suffix_last_logits = real_split
     plain, shared = results[False], results[True]
     ta, tb = shared.candidates, plain.candidates
     score = (torch.tensor(ta.ablation_score.values) - torch.tensor(tb.ablation_score.values)).abs()

@@ -8,7 +8,7 @@ from refusalscope.lm import inference
 from refusalscope.lm.hooks import Hook
 from refusalscope.lm.inference import collect_residuals, map_last_logits
 from refusalscope.lm.prompts import format_chat, tokenize
-from refusalscope.lm.shared_prefix import prefix_forward, split_on_prefix, suffix_forward
+from refusalscope.lm.shared_prefix import prefix_forward, split_on_prefix, suffix_forward, suffix_last_logits
 from refusalscope.lm.prompts import template_prefix_length
 
 PROMPTS = ["Write a poem about the sea.", "hi", "Tell me how to pick a lock, step by step, in detail.", "cake?"]
@@ -73,12 +73,12 @@ def test_residuals_after_the_shared_prefix_are_the_plain_ones(any_tiny_lm, monke
     split = count_calls(monkeypatch, inference, "suffix_forward")
     positions = [-3, -2, -1]
     ablate = [DirectionAblation(_direction(lm))]
-    for ivs in ([], ablate):
+    for ivs in ([], ablate, [ActivationAddition(_direction(lm, 2), 1, 3.0)]):
         plain = collect_residuals(lm, PROMPTS, positions, batch_size=3, interventions=ivs, progress=False)
         shared = collect_residuals(lm, PROMPTS, positions, batch_size=3, interventions=ivs, progress=False,
                                    share_prefix=True)
         assert torch.allclose(shared, plain, atol=1e-4)
-    assert len(split) == 2 * 2
+    assert len(split) == 3 * 2
     # a position inside the prefix (for the shortest prompt) runs that batch plainly
     own = split_on_prefix(lm.tokenizer, format_chat(lm.tokenizer, PROMPTS), template_prefix_length(lm.tokenizer))
     deep = [-int(own.lengths.min()) - 1]
@@ -102,3 +102,38 @@ def test_edits_that_differ_by_row_or_position_run_plainly(tiny_lm, monkeypatch):
         assert torch.equal(shared, plain)
     assert split == []
     assert all(len(shape) == 3 and shape[0] == len(PROMPTS) for shape in recorded)  # whole batches, not one row
+
+
+def test_the_head_sees_each_rows_last_token_only_ties_included(any_tiny_lm):
+    """Rows of equal and of different suffix lengths in one batch: each row's logits are its own last token's,
+    and the output head is handed one position per row (B, 1, d)."""
+    lm = any_tiny_lm
+    prompts = ["hi", "yo", "Tell me how to pick a lock, step by step, in detail."]
+    texts = format_chat(lm.tokenizer, prompts)
+    split = split_on_prefix(lm.tokenizer, texts, template_prefix_length(lm.tokenizer))
+    lengths = split.lengths.tolist()
+    assert lengths[0] == lengths[1] != lengths[2]
+    seen = []
+    handle = lm.model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        cache, _ = prefix_forward(lm, split)
+        seen.clear()
+        logits = suffix_last_logits(lm, split, cache)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([3, 1, lm.d_model])]
+    plain = map_last_logits(lm, prompts, lambda x: x, progress=False)
+    assert torch.allclose(logits, plain, atol=1e-4)
+    assert len(lm.model.get_output_embeddings()._forward_pre_hooks) == 1  # the gather is gone (the loader's stays)
+
+
+def test_positions_from_the_end_stay_in_each_rows_own_tokens(tiny_lm):
+    texts = format_chat(tiny_lm.tokenizer, PROMPTS)
+    split = split_on_prefix(tiny_lm.tokenizer, texts, template_prefix_length(tiny_lm.tokenizer))
+    n = split.lengths
+    assert split.from_end([-1])[:, 0].tolist() == (n - 1).tolist()
+    assert split.from_end([-2, -1]).tolist() == torch.stack([n - 2, n - 1], 1).tolist()
+    assert split.from_end([-int(n.min()) - 1]) is None  # reaches into the prefix for the shortest row
+    assert split.from_end([0]) is None and split.from_end([-1, 1]) is None  # not counted from the end
+    per_row_coeff = ActivationAddition(_direction(tiny_lm), 1, torch.ones(len(PROMPTS)))
+    assert not per_row_coeff.uniform and ActivationAddition(_direction(tiny_lm), 1, 2.0).uniform

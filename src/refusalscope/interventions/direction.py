@@ -50,6 +50,10 @@ class ActivationAddition(_Directional):
     layer: int
     coeff: float = 1.0
 
+    @property
+    def uniform(self) -> bool:  # type: ignore[override]
+        return not self.per_row and torch.as_tensor(self.coeff).dim() == 0  # a (B,) coeff is per row too
+
     def hooks(self, n_layers: int) -> list[Hook]:
         r = like(unit(self.direction.float()))
         return [Hook("resid_pre", self.layer, lambda h: add_direction(h, r(h), self.coeff))]

@@ -37,9 +37,10 @@ class PrefixBatch:
 
     def from_end(self, offsets) -> torch.Tensor | None:
         """Suffix indices (B, n) of negative ``offsets`` counted from each row's end (``offsets=[-1]``: its last
-        token); None when an offset reaches back into the prefix for some row."""
-        idx = self.lengths[:, None] + torch.as_tensor(list(offsets), device=self.mask.device)[None, :]
-        return idx if bool((idx >= 0).all()) else None
+        token); None when an offset reaches back into the prefix for some row, or is not negative."""
+        offsets = torch.as_tensor(list(offsets), dtype=torch.long, device=self.mask.device)
+        idx = self.lengths[:, None] + offsets[None, :]
+        return idx if bool((offsets < 0).all()) and bool((idx >= 0).all()) else None
 
     @property
     def full_mask(self) -> torch.Tensor:
@@ -91,10 +92,16 @@ def suffix_forward(lm: LoadedModel, batch: PrefixBatch, cache, hooks: Sequence[H
 
 def suffix_last_logits(lm: LoadedModel, batch: PrefixBatch, cache, hooks: Sequence[Hook] = ()) -> torch.Tensor:
     """Float32 logits (B, V) at each row's last real token, after the prefix's cache (use it once). Rows end at
-    different suffix positions (right padding), so the head runs at the batch's distinct last positions only."""
+    different suffix positions (right padding), so the output head is handed each row's last position only (a
+    gather in front of it, removed afterwards)."""
     last = batch.from_end([-1])[:, 0]
-    keep, which = torch.unique(last, return_inverse=True)
-    with torch.inference_mode(), hooked(lm.model, hooks):
-        out = lm.model(input_ids=batch.suffix, attention_mask=batch.full_mask, use_cache=True, logits_to_keep=keep,
-                       **{cache_argument(lm.model): cache})
-    return out.logits[torch.arange(len(last), device=last.device), which].float()
+    rows = torch.arange(len(last), device=last.device)
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, last][:, None], *args[1:]))
+    try:
+        with torch.inference_mode(), hooked(lm.model, hooks):
+            out = lm.model(input_ids=batch.suffix, attention_mask=batch.full_mask, use_cache=True, logits_to_keep=0,
+                           **{cache_argument(lm.model): cache})
+    finally:
+        handle.remove()
+    return out.logits[:, -1].float()
