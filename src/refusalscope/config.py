@@ -42,6 +42,12 @@ class ModelOptions(CommandSettings):
     chat_template: str | None = Field(None, description="Jinja chat template (file or string) for models without one")
 
 
+def share_prefix_help(parts: str) -> str:
+    """The help of a step's ``share_prefix`` option (``lm.shared_prefix``), naming the parts of the step it speeds."""
+    return (f"{parts}: run the chat template's prefix once per batch and only each prompt's own tokens after its "
+            "key/value cache (same values up to float rounding); off: the plain forward")
+
+
 class DirectionOptions(BaseModel):
     """Options of the refusal-direction step (Arditi et al.; paper appendix), shared by ``direction`` and ``run``."""
 
@@ -65,9 +71,7 @@ class DirectionOptions(BaseModel):
     max_new_tokens: int = Field(48, ge=1, description="tokens generated for the ASR of each candidate")
     allow_overlap: bool = Field(False, description="allow train and validation prompts to overlap")
     seed: int = Field(0, description="random seed")
-    share_prefix: bool = Field(True, description=(
-        "mean activations and candidate scoring: run the chat template's prefix once per batch and only each "
-        "prompt's own tokens after its key/value cache (same values up to float rounding); off: the plain forward"))
+    share_prefix: bool = Field(True, description=share_prefix_help("mean activations and candidate scoring"))
 
 
 class DirectionSettings(ModelOptions, DirectionOptions):
@@ -102,10 +106,6 @@ class _RunOptions(ModelOptions):
     data_dir: str | None = Field(None, description="data directory for dataset names (default: the run's)")
 
 
-SHARE_PREFIX = ("activations and quality report: run the chat template's prefix once per batch and only each prompt's "
-                "own tokens after its key/value cache (same values up to float rounding); off: the plain forward")
-
-
 class SaeTrainOptions(BaseModel):
     """Options of SAE training (TopK SAEs in SAELens format), shared by ``sae train`` and ``run``."""
 
@@ -128,7 +128,7 @@ class SaeTrainOptions(BaseModel):
                                  description="held-out prompt sets for the quality report")
     n_eval: int = Field(32, ge=1, description="held-out prompts for the quality report")
     seed: int = Field(0, description="random seed")
-    share_prefix: bool = Field(True, description=SHARE_PREFIX)
+    share_prefix: bool = Field(True, description=share_prefix_help("activations and quality report"))
 
 
 class SaeTrainSettings(_RunOptions, SaeTrainOptions):
@@ -144,7 +144,7 @@ class SaeEvalSettings(_RunOptions):
     eval_sets: list[str] = Field(default_factory=lambda: ["harmless_test", "harmful_val"],
                                  description="held-out prompt sets")
     n_eval: int = Field(32, ge=1, description="held-out prompts")
-    share_prefix: bool = Field(True, description=SHARE_PREFIX)
+    share_prefix: bool = Field(True, description=share_prefix_help("activations and quality report"))
     json_output: bool = Field(False, description='print one final JSON line: [{"layer", "fvu", "l0", "dead_frac", '
                               '"ce_increase"}, ...]', json_schema_extra={"flag": "--json"})
 

@@ -91,17 +91,14 @@ def suffix_forward(lm: LoadedModel, batch: PrefixBatch, cache, hooks: Sequence[H
 
 
 def suffix_last_logits(lm: LoadedModel, batch: PrefixBatch, cache, hooks: Sequence[Hook] = ()) -> torch.Tensor:
-    """Float32 logits (B, V) at each row's last real token, after the prefix's cache (use it once). Rows end at
-    different suffix positions (right padding), so the output head is handed each row's last position only (a
-    gather in front of it, removed afterwards)."""
+    """Float32 logits (B, V) at each row's last real token: ``suffix_forward`` with the output head handed each
+    row's last position only (rows end at different suffix positions: right padding), by a gather in front of the
+    head that is removed afterwards."""
     last = batch.from_end([-1])[:, 0]
     rows = torch.arange(len(last), device=last.device)
-    head = lm.model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, last][:, None], *args[1:]))
+    handle = lm.model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: (args[0][rows, last][:, None], *args[1:]))
     try:
-        with torch.inference_mode(), hooked(lm.model, hooks):
-            out = lm.model(input_ids=batch.suffix, attention_mask=batch.full_mask, use_cache=True, logits_to_keep=0,
-                           **{cache_argument(lm.model): cache})
+        return suffix_forward(lm, batch, cache, hooks, logits=True)[:, -1]
     finally:
         handle.remove()
-    return out.logits[:, -1].float()
